@@ -1,0 +1,200 @@
+"""The spatio-temporal transformer: token frames and actions in, logits over token levels out.
+
+It knows nothing about masking schedules or objectives: callers pass masked token ids and a temporal
+attention mask. A frame cache lets a caller encode frames once (under a causal mask) and decode later frames
+against them, which is what the sampler does with the past frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from mnist_world.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """Everything needed to rebuild the network: model params plus the token store's geometry."""
+
+    levels: int
+    frame_size: int
+    frames: int
+    layers: int = 2
+    embed_dim: int = 128
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+    action_dim: int = 2
+
+    @classmethod
+    def from_config(cls, model: ModelConfig, levels: int, frame_size: int, frames: int) -> Architecture:
+        return cls(levels=levels, frame_size=frame_size, frames=frames, **dataclasses.asdict(model))
+
+    @property
+    def mask_id(self) -> int:
+        return self.levels
+
+    @property
+    def vocab_size(self) -> int:
+        return self.levels + 1  # the levels plus the mask token
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.frame_size * self.frame_size
+
+
+# Keys and values of the temporal attention for the frames encoded so far, one pair per layer,
+# each (B*N, heads, frames, head_dim).
+FrameCache = list[tuple[Tensor, Tensor]]
+
+
+def cache_frames(cache: FrameCache | None) -> int:
+    """How many frames a cache holds (0 for none)."""
+    return 0 if not cache else cache[0][0].shape[2]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the second-to-last axis, with an optional key/value prefix."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, prefix: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        # x: (B', L, D); mask: (L, prefix + L) bool, True where attention is allowed.
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        new_keys_values = (k, v)
+        if prefix is not None:
+            k = torch.cat([prefix[0], k], dim=2)
+            v = torch.cat([prefix[1], v], dim=2)
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = rearrange(out, "b h l d -> b l (h d)")
+        return self.proj_dropout(self.proj(out)), new_keys_values
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, ratio: float, dropout: float) -> None:
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class SpatioTemporalBlock(nn.Module):
+    """Pre-norm residual block: attention within each frame, then across frames at each position, then MLP."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        dim = arch.embed_dim
+        self.spatial_norm = nn.LayerNorm(dim)
+        self.spatial = SelfAttention(dim, arch.heads, arch.dropout)
+        self.temporal_norm = nn.LayerNorm(dim)
+        self.temporal = SelfAttention(dim, arch.heads, arch.dropout)
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, arch.mlp_ratio, arch.dropout)
+
+    def forward(
+        self, x: Tensor, temporal_mask: Tensor | None, prefix: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        batch, frames, tokens, _ = x.shape  # (B, T, N, D)
+        spatial_in = rearrange(self.spatial_norm(x), "b t n d -> (b t) n d")
+        spatial_out, _ = self.spatial(spatial_in)
+        x = x + rearrange(spatial_out, "(b t) n d -> b t n d", b=batch)
+
+        temporal_in = rearrange(self.temporal_norm(x), "b t n d -> (b n) t d")
+        temporal_out, keys_values = self.temporal(temporal_in, temporal_mask, prefix)
+        x = x + rearrange(temporal_out, "(b n) t d -> b t n d", b=batch)
+
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, keys_values
+
+
+class WorldModel(nn.Module):
+    """Masked-token video transformer conditioned on per-frame ego actions."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.arch = arch
+        dim = arch.embed_dim
+        self.token_embedding = nn.Embedding(arch.vocab_size, dim)
+        self.action_projection = nn.Linear(arch.action_dim, dim)
+        self.spatial_position = nn.Parameter(torch.zeros(arch.tokens_per_frame, dim))
+        self.temporal_position = nn.Parameter(torch.zeros(arch.frames, dim))
+        self.embedding_dropout = nn.Dropout(arch.dropout)
+        self.blocks = nn.ModuleList(SpatioTemporalBlock(arch) for _ in range(arch.layers))
+        self.final_norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, arch.levels)  # the mask token is never a prediction
+        self.apply(self._init_weights)
+        nn.init.normal_(self.spatial_position, std=0.02)
+        nn.init.normal_(self.temporal_position, std=0.02)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        tokens: Tensor,
+        actions: Tensor,
+        temporal_mask: Tensor | None = None,
+        cache: FrameCache | None = None,
+        start_frame: int | None = None,
+    ) -> tuple[Tensor, FrameCache]:
+        """Logits for every token of `tokens`, and the cache extended with these frames.
+
+        tokens: (B, T, H, W) ids in [0, levels] (levels = mask); actions: (B, T, 2).
+        temporal_mask: (T, P + T) bool, True where frame i may attend to frame j, P = frames in `cache`;
+        None attends everywhere. `start_frame` places the frames in time (default: right after the cache).
+        Returns logits (B, T, H, W, levels) and the per-layer keys/values of the cache plus these frames.
+        """
+        batch, frames, height, width = tokens.shape
+        past = cache_frames(cache)
+        start = past if start_frame is None else start_frame
+        if start + frames > self.arch.frames:
+            raise ValueError(f"frames {start}..{start + frames - 1} exceed the model's {self.arch.frames}")
+
+        x = rearrange(self.token_embedding(tokens), "b t h w d -> b t (h w) d")
+        x = x + self.spatial_position  # (N, D) broadcast over batch and time
+        x = x + self.temporal_position[start : start + frames, None, :]  # (T, 1, D)
+        x = x + self.action_projection(actions)[:, :, None, :]  # (B, T, 1, D)
+        x = self.embedding_dropout(x)
+
+        new_cache: FrameCache = []
+        for index, block in enumerate(self.blocks):
+            prefix = cache[index] if cache else None
+            x, (keys, values) = block(x, temporal_mask, prefix)
+            if prefix is not None:
+                keys, values = torch.cat([prefix[0], keys], dim=2), torch.cat([prefix[1], values], dim=2)
+            new_cache.append((keys, values))
+
+        logits = self.head(self.final_norm(x))  # (B, T, N, levels)
+        return rearrange(logits, "b t (h w) v -> b t h w v", h=height), new_cache
+
+
+def build_model(arch: Architecture | dict[str, Any]) -> WorldModel:
+    """A fresh model from an architecture (or its dict form, as stored in checkpoints)."""
+    if isinstance(arch, dict):
+        arch = Architecture(**arch)
+    return WorldModel(arch)
