@@ -45,9 +45,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
-def load_model(
-    path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[WorldModel, dict[str, Any]]:
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[WorldModel, dict[str, Any]]:
     """Rebuild the model from the checkpoint alone (its stored architecture) and load its weights."""
     payload = load_checkpoint(path, map_location=device)
     try:
@@ -55,5 +53,7 @@ def load_model(
         model.load_state_dict(payload["model"])
     except (TypeError, RuntimeError, KeyError) as error:
         first_line = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not match the stored architecture ({first_line})") from None
+        raise CheckpointError(
+            f"{path}: weights do not match the stored architecture ({first_line})"
+        ) from None
     return model.to(device).eval(), payload

@@ -91,9 +91,7 @@ def build(cls: type[C], section: str, values: dict[str, Any] | None) -> C:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{section}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(fields))})"
-        )
+        raise ConfigError(f"{section}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(fields))})")
     kwargs = {}
     for name, field in fields.items():
         if name in values:
@@ -228,9 +226,14 @@ class TrainConfig:
         low, high = self.mask_ratio
         _require(0 < low <= high <= 1, "train.mask_ratio: expected [low, high] with 0 < low <= high <= 1")
         unknown = sorted(set(self.objectives) - set(OBJECTIVES))
-        _require(not unknown, f"train.objectives.{unknown[0] if unknown else ''}: unknown objective "
-                 f"(known: {', '.join(OBJECTIVES)})")
-        _require(all(w >= 0 for w in self.objectives.values()), "train.objectives: weights must not be negative")
+        _require(
+            not unknown,
+            f"train.objectives.{unknown[0] if unknown else ''}: unknown objective "
+            f"(known: {', '.join(OBJECTIVES)})",
+        )
+        _require(
+            all(w >= 0 for w in self.objectives.values()), "train.objectives: weights must not be negative"
+        )
         _require(
             abs(sum(self.objectives.values()) - 1.0) < 1e-6,
             f"train.objectives: weights must sum to 1, got {sum(self.objectives.values()):g}",
@@ -308,6 +311,7 @@ def load(section: str, path: str | Path = "params.yaml") -> Any:
 
 def as_dict(config: Any) -> dict[str, Any]:
     """A config object as plain JSON-friendly values (tuples become lists), for artifact metadata."""
+
     def plain(value: Any) -> Any:
         if isinstance(value, tuple):
             return [plain(v) for v in value]

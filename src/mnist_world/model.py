@@ -89,7 +89,9 @@ class MLP(nn.Module):
     def __init__(self, dim: int, ratio: float, dropout: float) -> None:
         super().__init__()
         hidden = int(dim * ratio)
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout))
+        self.net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)

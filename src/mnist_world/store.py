@@ -107,13 +107,13 @@ def open_store(path: str | Path) -> zarr.Group:
         raise StoreError(f"{path}: not a readable zarr 3 store ({error})") from None
 
 
-def open_array(
-    path: str | Path, name: str, ndim: int | None = None, dtype: Any | None = None
-) -> zarr.Array:
+def open_array(path: str | Path, name: str, ndim: int | None = None, dtype: Any | None = None) -> zarr.Array:
     """Open array `name` of the store at `path`, checking its rank and dtype when asked to."""
     group = open_store(path)
     if name not in group:
-        raise StoreError(f"{path}: no array '{name}' in the store (has: {', '.join(sorted(group)) or 'nothing'})")
+        raise StoreError(
+            f"{path}: no array '{name}' in the store (has: {', '.join(sorted(group)) or 'nothing'})"
+        )
     array = group[name]
     if not isinstance(array, zarr.Array):
         raise StoreError(f"{path}/{name}: expected an array, found a group")
