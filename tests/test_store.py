@@ -9,14 +9,23 @@ from mnist_world.store import StoreError, atomic_path, create_store, open_array,
 
 
 def test_sequences_round_trip_in_shards(tmp_path: Path) -> None:
-    data = np.random.default_rng(0).integers(0, 255, (10, 3, 4, 4), dtype=np.uint8)
+    data = np.random.default_rng(0).integers(0, 255, (10, 3, 40, 40), dtype=np.uint8)
     with create_store(tmp_path / "s.zarr", {"levels": 16}) as group:
         write_sequences(group, "frames", data, sequences_per_shard=4)
     array = open_array(tmp_path / "s.zarr", "frames", ndim=4, dtype=np.uint8)
-    assert array.chunks == (1, 3, 4, 4) and array.shards == (4, 3, 4, 4)
+    assert array.chunks == (1, 3, 40, 40) and array.shards == (4, 3, 40, 40)
     np.testing.assert_array_equal(array[:], data)
     # Three shards (4 + 4 + 2 sequences), not ten chunk files.
     assert len(list((tmp_path / "s.zarr/frames/c").iterdir())) == 3
+
+
+def test_small_records_share_a_chunk_per_shard(tmp_path: Path) -> None:
+    actions = np.random.default_rng(0).normal(size=(10, 20, 2)).astype(np.float32)
+    with create_store(tmp_path / "a.zarr") as group:
+        write_sequences(group, "actions", actions, sequences_per_shard=4)
+    array = open_array(tmp_path / "a.zarr", "actions")
+    assert array.chunks == array.shards == (4, 20, 2)
+    np.testing.assert_array_equal(array[3], actions[3])
 
 
 def test_a_failed_write_keeps_the_previous_store(tmp_path: Path) -> None:
