@@ -1,0 +1,141 @@
+"""Token and action sequences for training and evaluation: the split ranges, a lazy per-sequence Dataset
+for DataLoader workers, and whole-split loads for keeping the data on the GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import zarr
+
+from mnist_world.store import StoreError, attribute, open_array
+
+Split = Literal["train", "val"]
+SPLITS = ("train", "val")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSpec:
+    """What the model needs to know about a token store, read from its attributes."""
+
+    levels: int  # token ids 0..levels-1
+    mask_id: int  # the id of a hidden token (= levels)
+    vocab_size: int  # levels + 1
+    frame_size: int  # tokens per side of a frame
+    frames: int  # frames per sequence
+
+    @classmethod
+    def from_store(cls, path: str | Path) -> TokenSpec:
+        """Read the spec of the token store at `path`, with a one-line error naming a missing attribute."""
+        values = {field.name: int(attribute(path, field.name)) for field in dataclasses.fields(cls)}
+        spec = cls(**values)
+        if spec.mask_id != spec.levels or spec.vocab_size != spec.levels + 1:
+            raise StoreError(
+                f"{path}: inconsistent token attributes (levels {spec.levels}, mask_id {spec.mask_id}, "
+                f"vocab_size {spec.vocab_size}); expected mask_id = levels and vocab_size = levels + 1"
+            )
+        return spec
+
+
+def split_range(split: str, train_sequences: int, val_sequences: int, total: int) -> range:
+    """Sequence indices of a split: train = the first `train_sequences`, val = the `val_sequences` next."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}' (known: {', '.join(SPLITS)})")
+    needed = train_sequences + (val_sequences if split == "val" else 0)
+    if total < needed:
+        raise ValueError(
+            f"the store holds {total} sequences but the {split} split needs {needed} "
+            f"(data.train_sequences={train_sequences}, data.val_sequences={val_sequences})"
+        )
+    return range(0, train_sequences) if split == "train" else range(train_sequences, needed)
+
+
+def open_pair(tokens_path: str | Path, actions_path: str | Path) -> tuple[zarr.Array, zarr.Array]:
+    """The token array (N, T, H, W) uint8 and the action array (N, T, 2) float32, checked to match."""
+    tokens = open_array(tokens_path, "tokens", ndim=4, dtype=np.uint8)
+    actions = open_array(actions_path, "actions", ndim=3, dtype=np.float32)
+    if actions.shape[2] != 2 or actions.shape[:2] != tokens.shape[:2]:
+        raise StoreError(
+            f"{actions_path}: actions of shape {actions.shape} do not match the tokens of {tokens_path}, "
+            f"shape {tokens.shape} (expected ({tokens.shape[0]}, {tokens.shape[1]}, 2))"
+        )
+    return tokens, actions
+
+
+def _rows(total: int, split: str, train_sequences: int, val_sequences: int, limit: int) -> range:
+    """The split's indices, cut to the first `limit` (0: all of them; more than the split: all of them)."""
+    if limit < 0:
+        raise ValueError(f"limit must not be negative, got {limit}")
+    rows = split_range(split, train_sequences, val_sequences, total)
+    return rows[:limit] if limit else rows
+
+
+class TokenActionDataset(torch.utils.data.Dataset):
+    """One split of the token and action stores, read one sequence at a time.
+
+    Items are (tokens int64 (T, H, W), actions float32 (T, 2)). The zarr arrays are opened on first use in
+    each process and never pickled, so DataLoader workers (fork or spawn) each open their own.
+    """
+
+    def __init__(
+        self,
+        tokens_path: str | Path,
+        actions_path: str | Path,
+        split: Split,
+        train_sequences: int,
+        val_sequences: int,
+        limit: int = 0,
+    ) -> None:
+        self.tokens_path, self.actions_path = Path(tokens_path), Path(actions_path)
+        tokens, actions = open_pair(self.tokens_path, self.actions_path)
+        self.rows = _rows(tokens.shape[0], split, train_sequences, val_sequences, limit)
+        self.spec = TokenSpec.from_store(self.tokens_path)
+        self._arrays: tuple[zarr.Array, zarr.Array] | None = (tokens, actions)
+        self._owner = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _open(self) -> tuple[zarr.Array, zarr.Array]:
+        if self._arrays is None or self._owner != os.getpid():
+            self._arrays = open_pair(self.tokens_path, self.actions_path)
+            self._owner = os.getpid()
+        return self._arrays
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, actions = self._open()
+        row = self.rows[index]  # IndexError past the end, as a Dataset should
+        return (
+            torch.from_numpy(np.asarray(tokens[row], dtype=np.int64)),  # (T, H, W)
+            torch.from_numpy(np.asarray(actions[row], dtype=np.float32)),  # (T, 2)
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_arrays"] = None  # reopened in the receiving process
+        return state
+
+
+def load_split(
+    tokens_path: str | Path,
+    actions_path: str | Path,
+    split: Split,
+    train_sequences: int,
+    val_sequences: int,
+    limit: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split in one read: tokens uint8 (N, T, H, W) and actions float32 (N, T, 2), on the CPU.
+
+    Kept as uint8 (a quarter of int64) so the split fits on a GPU; cast batches with `.long()` there.
+    """
+    tokens, actions = open_pair(tokens_path, actions_path)
+    rows = _rows(tokens.shape[0], split, train_sequences, val_sequences, limit)
+    window = slice(rows.start, rows.stop)
+    return torch.from_numpy(np.ascontiguousarray(tokens[window])), torch.from_numpy(
+        np.ascontiguousarray(actions[window])
+    )

@@ -1,0 +1,43 @@
+"""Stage `downsample`: data/raw.zarr -> data/frames.zarr, float32 frames in [0, 1] at the token resolution."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mnist_world import config
+from mnist_world.store import StoreError
+from mnist_world.tokens import build_frames_store
+
+
+def main(
+    params: Annotated[Path, typer.Option(help="Params file; `tokens` and `data` are read.")] = Path(
+        "params.yaml"
+    ),
+    raw: Annotated[Path, typer.Option(help="Raw frame store to read.")] = Path("data/raw.zarr"),
+    output: Annotated[Path, typer.Option(help="Frame store to write (replaced atomically).")] = Path(
+        "data/frames.zarr"
+    ),
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Downsample the raw uint8 frames to tokens.frame_size with tokens.downsample (area or bilinear)."""
+    started = time.perf_counter()
+    try:
+        tokens = config.load("tokens", params)
+        data = config.load("data", params)
+        attributes = build_frames_store(raw, output, tokens, data.sequences_per_shard, progress=progress)
+    except (config.ConfigError, StoreError, ValueError, OSError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from None
+    size = attributes["frame_size"]
+    typer.echo(
+        f"{output}: {attributes['canvas']}x{attributes['canvas']} -> {size}x{size} frames "
+        f"({attributes['method']}) in {time.perf_counter() - started:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    typer.run(main)

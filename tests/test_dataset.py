@@ -1,0 +1,87 @@
+"""Splits, the lazy per-sequence dataset, whole-split loads and the token store's spec."""
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mnist_world.dataset import TokenActionDataset, TokenSpec, load_split, split_range
+from mnist_world.store import StoreError, create_store, write_sequences
+from mnist_world.tokens import token_attributes
+
+
+def make_stores(root: Path, count: int = 10, frames: int = 3, action_count: int | None = None) -> tuple:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 16, (count, frames, 8, 8), dtype=np.uint8)
+    actions = rng.normal(size=(action_count or count, frames, 2)).astype(np.float32)
+    with create_store(root / "tokens.zarr", token_attributes(16, 8, frames, "generate")) as group:
+        write_sequences(group, "tokens", tokens, sequences_per_shard=4)
+    with create_store(root / "actions.zarr", {"method": "ground_truth"}) as group:
+        write_sequences(group, "actions", actions, sequences_per_shard=4)
+    return root / "tokens.zarr", root / "actions.zarr", tokens, actions
+
+
+def test_splits_are_consecutive_and_checked() -> None:
+    assert split_range("train", 6, 3, 10) == range(0, 6)
+    assert split_range("val", 6, 3, 10) == range(6, 9)
+    assert split_range("train", 6, 3, 6) == range(0, 6)  # train does not need the validation sequences
+    with pytest.raises(ValueError, match="holds 8 sequences but the val split needs 9"):
+        split_range("val", 6, 3, 8)
+    with pytest.raises(ValueError, match="unknown split 'test'"):
+        split_range("test", 6, 3, 10)
+
+
+def test_lazy_reads_equal_the_store(tmp_path: Path) -> None:
+    tokens_path, actions_path, tokens, actions = make_stores(tmp_path)
+    dataset = TokenActionDataset(tokens_path, actions_path, "val", 6, 3)
+    assert len(dataset) == 3
+    item_tokens, item_actions = dataset[1]
+    assert item_tokens.dtype == torch.int64 and item_tokens.shape == (3, 8, 8)
+    assert item_actions.dtype == torch.float32 and item_actions.shape == (3, 2)
+    np.testing.assert_array_equal(item_tokens.numpy(), tokens[7])
+    np.testing.assert_array_equal(item_actions.numpy(), actions[7])
+    with pytest.raises(IndexError):
+        dataset[3]
+    assert len(TokenActionDataset(tokens_path, actions_path, "train", 6, 3, limit=4)) == 4
+    assert dataset.spec == TokenSpec(levels=16, mask_id=16, vocab_size=17, frame_size=8, frames=3)
+
+
+def test_dataset_works_in_loader_workers(tmp_path: Path) -> None:
+    tokens_path, actions_path, tokens, actions = make_stores(tmp_path)
+    dataset = TokenActionDataset(tokens_path, actions_path, "train", 6, 3)
+    copy = pickle.loads(pickle.dumps(dataset))
+    np.testing.assert_array_equal(copy[5][0].numpy(), tokens[5])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2)
+    batches = list(loader)
+    np.testing.assert_array_equal(torch.cat([b[0] for b in batches]).numpy(), tokens[:6])
+    np.testing.assert_array_equal(torch.cat([b[1] for b in batches]).numpy(), actions[:6])
+
+
+def test_load_split_reads_a_whole_split(tmp_path: Path) -> None:
+    tokens_path, actions_path, tokens, actions = make_stores(tmp_path)
+    split_tokens, split_actions = load_split(tokens_path, actions_path, "val", 6, 3)
+    assert split_tokens.dtype == torch.uint8 and split_actions.dtype == torch.float32
+    np.testing.assert_array_equal(split_tokens.numpy(), tokens[6:9])
+    np.testing.assert_array_equal(split_actions.numpy(), actions[6:9])
+    limited, _ = load_split(tokens_path, actions_path, "train", 6, 3, limit=2)
+    np.testing.assert_array_equal(limited.numpy(), tokens[:2])
+
+
+def test_too_small_and_mismatched_stores_fail_clearly(tmp_path: Path) -> None:
+    tokens_path, actions_path, _, _ = make_stores(tmp_path)
+    with pytest.raises(ValueError, match="holds 10 sequences but the val split needs 12"):
+        TokenActionDataset(tokens_path, actions_path, "val", 8, 4)
+    other = tmp_path / "other"
+    other.mkdir()
+    _, short_actions, _, _ = make_stores(other, action_count=9)
+    with pytest.raises(StoreError, match=r"actions of shape \(9, 3, 2\) do not match the tokens"):
+        load_split(tokens_path, short_actions, "train", 6, 3)
+
+
+def test_token_spec_needs_the_store_attributes(tmp_path: Path) -> None:
+    with create_store(tmp_path / "t.zarr", {"levels": 16, "mask_id": 16}) as group:
+        write_sequences(group, "tokens", np.zeros((1, 1, 2, 2), np.uint8), 1)
+    with pytest.raises(StoreError, match="missing attribute 'vocab_size'"):
+        TokenSpec.from_store(tmp_path / "t.zarr")
