@@ -1,4 +1,7 @@
-"""Stage `actions`: data/raw.zarr -> data/actions.zarr (ego-centric actions) and the tracker's report."""
+"""Stage `actions`: data/raw.zarr -> data/actions.zarr (ego-centric actions) and the tracker's report.
+
+Actions are normalised at the token resolution, read from the token store's attributes.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +13,17 @@ import typer
 
 from mnist_world import config
 from mnist_world.actions import build_actions_store
-from mnist_world.store import StoreError, write_json
+from mnist_world.store import StoreError, attribute, write_json
 
 
 def main(
-    params: Annotated[
-        Path, typer.Option(help="Params file; `actions`, `tokens` and `data` are read.")
-    ] = Path("params.yaml"),
+    params: Annotated[Path, typer.Option(help="Params file; `actions` and `data` are read.")] = Path(
+        "params.yaml"
+    ),
     raw: Annotated[Path, typer.Option(help="Raw frame store to read.")] = Path("data/raw.zarr"),
+    tokens: Annotated[Path, typer.Option(help="Token store whose frame size scales the actions.")] = Path(
+        "data/tokens.zarr"
+    ),
     output: Annotated[Path, typer.Option(help="Action store to write (replaced atomically).")] = Path(
         "data/actions.zarr"
     ),
@@ -30,10 +36,10 @@ def main(
     started = time.perf_counter()
     try:
         actions = config.load("actions", params)
-        tokens = config.load("tokens", params)
         data = config.load("data", params)
+        frame_size = attribute(tokens, "frame_size")
         summary = build_actions_store(
-            raw, output, actions, tokens.frame_size, data.sequences_per_shard, progress=progress
+            raw, output, actions, frame_size, data.sequences_per_shard, progress=progress
         )
         write_json(report, summary)
     except (config.ConfigError, StoreError, ValueError, OSError) as error:
