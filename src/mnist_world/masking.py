@@ -6,8 +6,15 @@ takes them as given. Token masks are boolean (B, T, H, W), True where the input 
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 from torch import Tensor
+
+from mnist_world.config import OBJECTIVES, TrainConfig
+
+# --- Temporal attention masks ---------------------------------------------------------------------------
 
 
 def causal_mask(frames: int, past: int = 0, device: torch.device | str | None = None) -> Tensor:
@@ -25,3 +32,85 @@ def identity_mask(frames: int, device: torch.device | str | None = None) -> Tens
 def full_mask(frames: int, past: int = 0, device: torch.device | str | None = None) -> Tensor:
     """(frames, past + frames): bidirectional attention across all frames."""
     return torch.ones(frames, past + frames, dtype=torch.bool, device=device)
+
+
+# --- Mask ratios -----------------------------------------------------------------------------------------
+
+
+def mask_ratios(shape: tuple[int, ...], config: TrainConfig, generator: torch.Generator) -> Tensor:
+    """Share of tokens to hide, one per entry of `shape`: r ~ U(mask_ratio), or cos(u pi / 2), u ~ U(0, 1)."""
+    uniform = torch.rand(shape, generator=generator, device=generator.device)
+    if config.mask_schedule == "cosine":
+        return torch.cos(uniform * (math.pi / 2))
+    low, high = config.mask_ratio
+    return low + (high - low) * uniform
+
+
+# --- Objectives ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedBatch:
+    """One objective applied to a batch: what the model sees, where it is scored, how frames attend."""
+
+    inputs: Tensor  # (B, T, H, W) int64 token ids, mask id where hidden, a random level where noised
+    loss_mask: Tensor  # (B, T, H, W) bool: hidden or noised tokens, the ones the loss is taken on
+    temporal_mask: Tensor  # (T, T) bool
+
+
+def make_batch(
+    objective: str, tokens: Tensor, config: TrainConfig, levels: int, generator: torch.Generator
+) -> MaskedBatch:
+    """Hide tokens of `tokens` (B, T, H, W) as `objective` asks; random draws come from `generator`.
+
+    future: the first `config.past_frames` frames are given; each later token is hidden with probability r,
+        one r per sequence; causal attention (frame t sees frames <= t).
+    joint: tokens of every frame hidden with one r per sequence; bidirectional attention.
+    individual: one r per sequence and frame; each frame sees only itself (what classifier-free guidance
+        needs: the model's prediction of a frame without context).
+    Every sequence (every frame, for `individual`) hides at least one token, so a ratio near 0 from the
+    cosine schedule never leaves a sample without a loss.
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective '{objective}' (known: {', '.join(OBJECTIVES)})")
+    batch, frames = tokens.shape[:2]
+    device = tokens.device
+    if objective == "future":
+        if not 0 < config.past_frames < frames:
+            raise ValueError(f"train.past_frames={config.past_frames} must be in [1, {frames - 1}]")
+        ratio_shape, region_dims = (batch, 1, 1, 1), (1, 2, 3)
+        temporal_mask = causal_mask(frames, device=device)
+    elif objective == "joint":
+        ratio_shape, region_dims = (batch, 1, 1, 1), (1, 2, 3)
+        temporal_mask = full_mask(frames, device=device)
+    else:
+        ratio_shape, region_dims = (batch, frames, 1, 1), (2, 3)
+        temporal_mask = identity_mask(frames, device=device)
+
+    ratio = mask_ratios(ratio_shape, config, generator)
+    draw = torch.rand(tokens.shape, generator=generator, device=device)  # (B, T, H, W)
+    if objective == "future":
+        draw[:, : config.past_frames] = 2.0  # above any ratio: the past is never hidden (nor the minimum)
+    # The smallest draw of each region is always hidden: at least one scored token per region.
+    hidden = (draw < ratio) | (draw == draw.amin(dim=region_dims, keepdim=True))
+    inputs = tokens.masked_fill(hidden, levels)  # levels is the mask id
+    loss_mask = hidden
+
+    if config.noise_eta > 0:
+        # CoPilot4D: replace up to eta of the visible tokens of the region with random levels, so the model
+        # also learns to doubt what it sees (as it must at sampling time); they join the loss.
+        noise_ratio = config.noise_eta * torch.rand(ratio_shape, generator=generator, device=device)
+        noise_draw = torch.rand(tokens.shape, generator=generator, device=device)
+        noised = ~hidden & (noise_draw < noise_ratio) & (draw <= 1.0)
+        random_levels = torch.randint(0, levels, tokens.shape, generator=generator, device=device)
+        inputs = torch.where(noised, random_levels, inputs)
+        loss_mask = hidden | noised
+    return MaskedBatch(inputs=inputs, loss_mask=loss_mask, temporal_mask=temporal_mask)
+
+
+def choose_objectives(config: TrainConfig, count: int, generator: torch.Generator) -> list[str]:
+    """`count` objectives drawn independently by their weights (one per batch)."""
+    names = sorted(config.objectives)  # sorted: the draw must not depend on the order of params.yaml
+    weights = torch.tensor([config.objectives[name] for name in names], dtype=torch.float64)
+    picks = torch.multinomial(weights, count, replacement=True, generator=generator)
+    return [names[i] for i in picks.tolist()]

@@ -1,0 +1,183 @@
+"""Training throughput of the fast recipe (default model, batch 4, future objective), in sequences per second:
+our path (fused SDPA attention, precision auto) beside a plain reference of the same model (explicit
+softmax(q k^T / sqrt(d) + mask) v, fp32), both timed in the same run on the same batches.
+
+    python benchmarks/train_throughput.py                 # CPU: 1 warm-up step, 3 timed steps per variant
+    python benchmarks/train_throughput.py --device cuda   # GPU: 5 warm-up steps, 30 timed steps
+    python benchmarks/train_throughput.py --original      # also with the original's attention dropout
+
+"speedup" is a variant's time per step over ours: how many times faster our path trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from mnist_world.config import ModelConfig, TrainConfig
+from mnist_world.masking import make_batch
+from mnist_world.model import Architecture, SelfAttention, WorldModel, build_model
+from mnist_world.training import autocast, autocast_dtype, masked_cross_entropy, resolve_device
+
+
+class PlainSelfAttention(SelfAttention):
+    """The same weights, attention written out: the (L, L) scores and their softmax are materialised."""
+
+    attention_dropout = 0.0  # the original also dropped attention weights; --original sets 0.1
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, prefix: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B', heads, L, L)
+        if mask is not None:  # additive form, as the original's triu(-inf) matrix
+            scores = scores + torch.zeros(mask.shape, device=x.device).masked_fill(~mask, float("-inf"))
+        weights = F.dropout(scores.softmax(dim=-1), self.attention_dropout, self.training)
+        out = rearrange(weights @ v, "b h l d -> b l (h d)")
+        return self.proj_dropout(self.proj(out)), (k, v)
+
+
+class DroppingSelfAttention(SelfAttention):
+    """SDPA with dropout on the attention weights, as model.py first had it: on a CPU that is no fused
+    kernel but the explicit fallback, plus a Bernoulli draw per attention weight."""
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, prefix: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        dropout = 0.1 if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        out = rearrange(out, "b h l d -> b l (h d)")
+        return self.proj_dropout(self.proj(out)), (k, v)
+
+
+def with_attention(model: WorldModel, attention: type[SelfAttention], dropout: float = 0.0) -> WorldModel:
+    """A copy of `model` (same weights) whose attention layers are computed by `attention`."""
+    variant = copy.deepcopy(model)
+    for module in variant.modules():
+        if isinstance(module, SelfAttention):
+            module.__class__ = attention
+            module.attention_dropout = dropout
+    return variant
+
+
+def training_step(
+    model: torch.nn.Module, device: torch.device, amp: torch.dtype | None
+) -> Callable[[tuple[Tensor, ...]], float]:
+    """A function that runs one training step (forward, masked loss, backward, clipping, AdamW) on a batch
+    and returns its wall-clock seconds."""
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=3e-4, weight_decay=0.01)
+    synchronize: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def step(batch: tuple[Tensor, ...]) -> float:
+        inputs, actions, tokens, loss_mask, temporal_mask = batch
+        synchronize()
+        started = time.perf_counter()
+        with autocast(device, amp):
+            logits, _ = model(inputs, actions, temporal_mask)
+        loss, _, _ = masked_cross_entropy(logits, tokens, loss_mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        synchronize()
+        return time.perf_counter() - started
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 1 CPU, 5 GPU)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 CPU, 30 GPU)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--full", action="store_true", help="the full model (D=384, L=6) instead of the fast")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of our path")
+    parser.add_argument(
+        "--original",
+        action="store_true",
+        help="also attention-weight dropout 0.1 (the original's), SDPA and plain",
+    )
+    parser.add_argument("--no-reference", action="store_true", help="time our path only")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    gpu = device.type != "cpu"
+    warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    steps = args.steps if args.steps is not None else (30 if gpu else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_config = ModelConfig(layers=6, embed_dim=384) if args.full else ModelConfig()
+    arch = Architecture.from_config(model_config, levels=16, frame_size=32, frames=20)
+    config = TrainConfig(batch_size=args.batch)
+    torch.manual_seed(0)
+    model = build_model(arch).to(device)
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    batches = []
+    for _ in range(2):  # two different batches, so no step can reuse the previous one's work
+        tokens = torch.randint(
+            0, arch.levels, (args.batch, arch.frames, 32, 32), device=device, generator=generator
+        )
+        actions = torch.randn(args.batch, arch.frames, 2, device=device, generator=generator) * 0.1
+        masked = make_batch("future", tokens, config, arch.levels, generator)
+        batches.append((masked.inputs, actions, tokens, masked.loss_mask, masked.temporal_mask))
+
+    ours_amp = autocast_dtype("auto", device)
+    variants: list[tuple[str, torch.nn.Module, torch.dtype | None]] = [("ours (SDPA)", model, ours_amp)]
+    if args.compile:
+        variants.append(("ours + torch.compile", torch.compile(copy.deepcopy(model)), ours_amp))
+    if not args.no_reference:
+        variants.append(("plain reference", with_attention(model, PlainSelfAttention), None))
+    if args.original:
+        variants.append(
+            ("SDPA + attention dropout 0.1", with_attention(model, DroppingSelfAttention), ours_amp)
+        )
+        variants.append(
+            ("plain + attention dropout 0.1", with_attention(model, PlainSelfAttention, 0.1), None)
+        )
+
+    print(
+        f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}; model D={arch.embed_dim} "
+        f"L={arch.layers} ({model.num_parameters():,} parameters), batch {args.batch}, future objective; "
+        f"{warmup} warm-up + {steps} timed steps"
+    )
+    steppers = {name: training_step(variant, device, amp) for name, variant, amp in variants}
+    precision = {name: "bf16" if amp else "fp32" for name, _, amp in variants}
+    seconds: dict[str, list[float]] = {name: [] for name in steppers}
+    # Round-robin, one step of each variant per round: on a shared machine, load that comes and goes
+    # then slows every variant alike instead of whichever happened to run at the time.
+    for round_index in range(warmup + steps):
+        for name, step in steppers.items():
+            elapsed = step(batches[round_index % len(batches)])
+            if round_index >= warmup:
+                seconds[name].append(elapsed)
+            kind = "warm-up" if round_index < warmup else "timed"
+            print(f"  {kind} step {round_index + 1}: {name}: {elapsed:.3f} s", flush=True)
+    results = {name: statistics.median(values) for name, values in seconds.items()}
+
+    base = results["ours (SDPA)"]
+    print(f"\n{'variant':32s} {'precision':>9s} {'s/step':>9s} {'seq/s':>8s} {'speedup':>9s}")
+    for name, median in results.items():
+        print(
+            f"{name:32s} {precision[name]:>9s} {median:9.3f} {args.batch / median:8.3f} {median / base:8.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The one-command GPU recipe script, run on the CPU at tiny scale: prepare a bundle, train, evaluate."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mnist_world.actions import build_actions_store
+from mnist_world.config import ActionsConfig, DataConfig, TokensConfig, build
+from mnist_world.sources import build_raw_store
+from mnist_world.tokens import build_frames_store, build_token_store
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "recipe_gpu.py"
+
+pytestmark = pytest.mark.slow
+
+
+def script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> tuple[Path, Path]:
+    """Tiny token, frame and action stores made by the pipeline's own functions, and a params file."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(num_sequences=14, train_sequences=8, val_sequences=4, sequences_per_shard=4)
+    params["tokens"].update(frame_size=8)
+    params["model"].update(layers=1, embed_dim=16, heads=2)
+    params["sample"].update(steps=3)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    data = build(DataConfig, "data", params["data"])
+    folder = tmp_path / "data"
+    build_raw_store(data, folder / "raw.zarr", progress=False)
+    build_frames_store(folder / "raw.zarr", folder / "frames.zarr", TokensConfig(frame_size=8), 4)
+    build_token_store(folder / "frames.zarr", folder / "tokens.zarr", 16, 4)
+    build_actions_store(folder / "raw.zarr", folder / "actions.zarr", ActionsConfig(), 8, 4)
+    return folder, tmp_path / "params.yaml"
+
+
+def test_prepare_then_run_writes_the_results(tmp_path: Path, stores: tuple[Path, Path]) -> None:
+    data, params = stores
+    bundle, output = tmp_path / "bundle", tmp_path / "out"
+    prepared = script(
+        "prepare",
+        "--data",
+        str(data),
+        "--bundle",
+        str(bundle),
+        "--params",
+        str(params),
+        "--no-download-wheels",
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    assert json.loads((bundle / "split.json").read_text()) == {"train_sequences": 8, "val_sequences": 4}
+
+    ran = script(
+        "run",
+        "--output",
+        str(output),
+        "--bundle",
+        str(bundle),
+        "--params",
+        str(params),
+        "--epochs",
+        "2",
+        "--eval-sequences",
+        "2",
+        "--probe",
+        "8",
+        "--work",
+        str(tmp_path / "work"),
+    )
+    assert ran.returncode == 0, ran.stderr
+    results = json.loads((output / "results.json").read_text())
+    assert results["epochs_done"] == 2 and len(results["epoch_seconds"]) == 2
+    assert results["train_sequences"] == 8 and results["sequences_per_second"] > 0
+    assert set(results["larger_batches"]) == {"8"}
+    assert {"model", "copy_last", "blank", "quantization"} <= set(results["metrics"])
+    table = (output / "results.md").read_text()
+    assert "| copy last frame |" in table and "| quantization floor |" in table
+    assert (output / "per_horizon.csv").is_file() and (output / "strip_0.png").is_file()
+    # What comes back from the GPU machine is at most 8 files.
+    assert len(list(output.iterdir())) <= 8
+
+
+def test_a_time_budget_stops_training_cleanly(tmp_path: Path, stores: tuple[Path, Path]) -> None:
+    data, params = stores
+    bundle, output = tmp_path / "bundle", tmp_path / "out"
+    assert (
+        script(
+            "prepare",
+            "--data",
+            str(data),
+            "--bundle",
+            str(bundle),
+            "--params",
+            str(params),
+            "--no-download-wheels",
+        ).returncode
+        == 0
+    )
+    # A budget already spent: one epoch runs, then training stops and evaluation still reports.
+    ran = script(
+        "run",
+        "--output",
+        str(output),
+        "--bundle",
+        str(bundle),
+        "--params",
+        str(params),
+        "--epochs",
+        "50",
+        "--eval-sequences",
+        "2",
+        "--probe",
+        "",
+        "--budget",
+        "1",
+        "--work",
+        str(tmp_path / "work"),
+    )
+    assert ran.returncode == 0, ran.stderr
+    results = json.loads((output / "results.json").read_text())
+    assert results["epochs_done"] == 1 and results["epochs_asked"] == 50
+    assert "time budget reached" in ran.stdout + ran.stderr

@@ -1,0 +1,350 @@
+"""Tests of the training loop: the masked loss, optimisation, checkpoints, logs, resume, NaN stop and DDP."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mnist_world.checkpoint import CheckpointError, load_checkpoint, load_model
+from mnist_world.config import DataConfig, ModelConfig, TrainConfig
+from mnist_world.dataset import load_split
+from mnist_world.masking import make_batch
+from mnist_world.model import Architecture, build_model
+from mnist_world.store import create_store, write_sequences
+from mnist_world.tokens import token_attributes
+from mnist_world.training import (
+    DivergenceError,
+    autocast_dtype,
+    masked_cross_entropy,
+    rng_state,
+    run_differences,
+    run_params,
+    set_rng_state,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+LEVELS, FRAMES, SIZE = 16, 4, 8
+MODEL = ModelConfig(layers=1, embed_dim=16, heads=2, dropout=0.1)  # dropout > 0: resume must restore RNG
+ARCH = Architecture.from_config(MODEL, LEVELS, SIZE, FRAMES)
+CONFIG = TrainConfig(
+    epochs=2, batch_size=4, past_frames=2, device="cpu", precision="fp32", checkpoint_every=1, seed=3
+)
+SPLIT = DataConfig(train_sequences=24, val_sequences=8)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the one_thread fixture, for the stage's processes
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny models gain nothing from a second thread, and on a busy 2-core machine every parallel region
+    # would wait for a descheduled thread: 40x slower steps.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sequences(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Toy sequences like Moving MNIST's: mostly background, each frame the previous one moved a pixel."""
+    generator = torch.Generator().manual_seed(seed)
+    ink = torch.randint(1, LEVELS, (count, 1, SIZE, SIZE), generator=generator)
+    first = torch.where(torch.rand(ink.shape, generator=generator) < 0.25, ink, 0)
+    frames = [torch.roll(first, shifts=t, dims=-1) for t in range(FRAMES)]
+    tokens = torch.cat(frames, dim=1).to(torch.uint8)  # (N, T, H, W)
+    actions = torch.zeros(count, FRAMES, 2)
+    actions[..., 0] = 1 / (SIZE / 2)
+    return tokens, actions
+
+
+def run(tmp_path: Path, config: TrainConfig = CONFIG, **kwargs: object) -> dict:
+    train_data, val_data = sequences(24), sequences(8, seed=1)
+    kwargs.setdefault("params", run_params(MODEL, config, SPLIT))
+    kwargs.setdefault("progress", False)
+    return train(config, ARCH, train_data, val_data, tmp_path / "models", tmp_path / "reports", **kwargs)
+
+
+def tsv_steps(reports: Path, name: str) -> list[int]:
+    with (reports / "plots" / "metrics" / f"{name}.tsv").open() as handle:
+        return [int(row["step"]) for row in csv.DictReader(handle, delimiter="\t")]
+
+
+def assert_same_weights(first: Path, second: Path) -> None:
+    one, two = load_checkpoint(first)["model"], load_checkpoint(second)["model"]
+    assert one.keys() == two.keys()
+    for key in one:
+        assert torch.equal(one[key], two[key]), key
+
+
+# --- The loss and one step --------------------------------------------------------------------------------
+
+
+def test_masked_loss_ignores_unmasked_positions() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, FRAMES, SIZE, SIZE, LEVELS, generator=generator)
+    targets = torch.randint(0, LEVELS, (2, FRAMES, SIZE, SIZE), generator=generator)
+    loss_mask = torch.rand(targets.shape, generator=generator) < 0.3
+    loss, correct, count = masked_cross_entropy(logits, targets, loss_mask)
+    changed = torch.where(loss_mask, targets, (targets + 1) % LEVELS)  # only unscored targets change
+    assert torch.equal(masked_cross_entropy(logits, changed, loss_mask)[0], loss)
+    assert count == loss_mask.sum()
+    expected = torch.nn.functional.cross_entropy(logits[loss_mask], targets[loss_mask])
+    torch.testing.assert_close(loss, expected)
+    assert correct == (logits.argmax(-1) == targets)[loss_mask].sum()
+
+
+def test_one_step_lowers_the_loss_on_a_fixed_batch() -> None:
+    torch.manual_seed(0)
+    model = build_model(ARCH).eval()  # no dropout: the same batch gives the same loss before and after
+    tokens, actions = sequences(8)
+    tokens = tokens.long()
+    batch = make_batch("future", tokens, CONFIG, LEVELS, torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def loss() -> torch.Tensor:
+        logits, _ = model(batch.inputs, actions, batch.temporal_mask)
+        return masked_cross_entropy(logits, tokens, batch.loss_mask)[0]
+
+    before = loss()
+    before.backward()
+    optimizer.step()
+    assert loss().item() < before.item() - 1e-3
+
+
+def test_precision_and_random_state_helpers() -> None:
+    assert autocast_dtype("fp32", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    assert autocast_dtype("auto", torch.device("mps")) is None
+    state = rng_state()
+    expected = (torch.rand(3), np.random.rand(2))
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
+
+
+def test_run_differences_name_the_keys() -> None:
+    stored = {"params": {"train": {"lr": 0.1, "epochs": 2}}, "architecture": {"layers": 1}}
+    wanted = {"params": {"train": {"lr": 0.2, "epochs": 2}}, "architecture": {"layers": 1}}
+    assert run_differences(stored, wanted) == ["params.train.lr: 0.1 -> 0.2"]
+    assert run_differences(stored, stored) == []
+    assert run_differences({}, {"data_fingerprint": "abc"}) == ["data_fingerprint: '<missing>' -> 'abc'"]
+
+
+# --- The loop, in process ---------------------------------------------------------------------------------
+
+
+def test_training_writes_checkpoints_and_logs(tmp_path: Path) -> None:
+    summary = run(tmp_path, dataclasses.replace(CONFIG, epochs=3, checkpoint_every=2))
+    models, reports = tmp_path / "models", tmp_path / "reports"
+    assert sorted(path.name for path in models.iterdir()) == ["best.pt", "epoch_002.pt", "last.pt"]
+    payload = load_checkpoint(models / "last.pt")  # weights_only: every value is plain
+    for key in ("model", "architecture", "params", "optimizer", "scheduler", "rng", "epoch", "best_val_loss"):
+        assert key in payload, key
+    assert payload["epoch"] == 3 and payload["architecture"] == dataclasses.asdict(ARCH)
+    assert payload["params"]["train"]["epochs"] == 3 and payload["params"]["data"]["train_sequences"] == 24
+    assert (
+        payload["best_val_loss"] == summary["best_val_loss"] == min(r["val_loss"] for r in payload["history"])
+    )
+    assert payload["history"][-1]["lr"] < CONFIG.lr / 10  # the cosine schedule ran to its end
+    model, best = load_model(models / "best.pt")
+    assert model.arch == ARCH and best["metrics"]["val_loss"] == best["best_val_loss"]
+
+    metrics = yaml.safe_load((reports / "metrics.json").read_text())
+    assert set(metrics) == {"loss", "val_loss", "lr", "val_accuracy", "step"} and metrics["step"] == 3
+    for name in ("loss", "val_loss", "lr", "val_accuracy"):
+        assert tsv_steps(reports, name) == [1, 2, 3]
+
+
+def test_training_learns_the_toy_motion(tmp_path: Path) -> None:
+    config = dataclasses.replace(CONFIG, epochs=6, lr=3e-3, min_lr=1e-4)
+    run(tmp_path, config)
+    history = load_checkpoint(tmp_path / "models" / "last.pt")["history"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"] - 0.05
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_a_finished_run_only_rewrites_its_logs(tmp_path: Path) -> None:
+    run(tmp_path)
+    before = (tmp_path / "models" / "last.pt").stat().st_mtime_ns
+    (tmp_path / "reports" / "metrics.json").unlink()  # as `dvc repro` removes non-persistent outputs
+    (tmp_path / "models" / ".epoch_003.pt.partial-99").write_bytes(b"left by a killed writer")
+    messages: list[str] = []
+    summary = run(tmp_path, echo=messages.append)
+    assert any("already finished" in message for message in messages)
+    assert (tmp_path / "models" / "last.pt").stat().st_mtime_ns == before
+    assert summary["epoch"] == 2 and tsv_steps(tmp_path / "reports", "loss") == [1, 2]
+    assert (tmp_path / "reports" / "metrics.json").exists()
+    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == [
+        "best.pt", "epoch_001.pt", "epoch_002.pt", "last.pt"
+    ]  # fmt: skip
+
+
+def test_a_deadline_stops_after_the_epoch_and_a_rerun_resumes(tmp_path: Path) -> None:
+    messages: list[str] = []
+    summary = run(tmp_path, deadline=time.monotonic(), echo=messages.append)  # already passed
+    assert summary["epoch"] == 1 and any("time budget reached after epoch 1/2" in m for m in messages)
+    assert load_checkpoint(tmp_path / "models" / "last.pt")["epoch"] == 1
+    assert run(tmp_path, echo=messages.append)["epoch"] == 2
+    assert tsv_steps(tmp_path / "reports", "loss") == [1, 2]
+
+
+def test_changed_params_start_afresh_and_say_why(tmp_path: Path) -> None:
+    run(tmp_path)
+    (tmp_path / "models" / ".last.pt.partial-123").write_bytes(b"left by a killed writer")
+    messages: list[str] = []
+    changed = dataclasses.replace(CONFIG, lr=1e-3, checkpoint_every=5)
+    run(tmp_path, changed, echo=messages.append)
+    assert any("different run" in m and "params.train.lr: 0.0003 -> 0.001" in m for m in messages), messages
+    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == ["best.pt", "last.pt"]
+    payload = load_checkpoint(tmp_path / "models" / "last.pt")
+    assert payload["params"]["train"]["lr"] == 1e-3 and len(payload["history"]) == 2
+
+
+def test_changed_data_start_afresh(tmp_path: Path) -> None:
+    run(tmp_path)
+    messages: list[str] = []
+    tokens, actions = sequences(24, seed=5)
+    train(
+        CONFIG,
+        ARCH,
+        (tokens, actions),
+        sequences(8, seed=1),
+        tmp_path / "models",
+        None,
+        run_params(MODEL, CONFIG, SPLIT),
+        progress=False,
+        echo=messages.append,
+    )
+    assert any("data_fingerprint" in message for message in messages)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_damaged_last_checkpoint_fails_naming_the_file(tmp_path: Path, damage: str) -> None:
+    run(tmp_path)
+    last = tmp_path / "models" / "last.pt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="last.pt: corrupt or unreadable") as error:
+        run(tmp_path)
+    assert "\n" not in str(error.value)
+
+
+def test_a_non_finite_loss_stops_naming_epoch_and_step(tmp_path: Path) -> None:
+    tokens, actions = sequences(24)
+    actions[:] = float("nan")
+    with pytest.raises(DivergenceError, match="epoch 1, step 1"):
+        train(CONFIG, ARCH, (tokens, actions), sequences(8), tmp_path / "models", None, {}, progress=False)
+    assert not (tmp_path / "models" / "last.pt").exists()
+
+
+def test_bad_data_and_past_frames_fail_clearly(tmp_path: Path) -> None:
+    tokens, actions = sequences(24)
+    with pytest.raises(ValueError, match="past_frames"):
+        run(tmp_path, dataclasses.replace(CONFIG, past_frames=FRAMES))
+    with pytest.raises(ValueError, match="train tokens"):
+        train(CONFIG, ARCH, (tokens[:, :, :4], actions), sequences(8), tmp_path / "m", None, progress=False)
+    with pytest.raises(ValueError, match="validation split"):
+        train(
+            CONFIG, ARCH, (tokens, actions), (tokens[:0], actions[:0]), tmp_path / "m", None, progress=False
+        )
+
+
+# --- The stage, in subprocesses ---------------------------------------------------------------------------
+
+
+def make_stores(root: Path) -> None:
+    tokens, actions = (torch.cat(pair) for pair in zip(sequences(48), sequences(8, seed=1), strict=True))
+    with create_store(root / "tokens.zarr", token_attributes(LEVELS, SIZE, FRAMES, "generate")) as group:
+        write_sequences(group, "tokens", tokens.numpy(), sequences_per_shard=16)
+    with create_store(root / "actions.zarr", {"method": "ground_truth"}) as group:
+        write_sequences(group, "actions", actions.numpy(), sequences_per_shard=16)
+
+
+def write_params(root: Path, config: TrainConfig) -> None:
+    params = {
+        "model": dataclasses.asdict(MODEL),
+        "train": {**dataclasses.asdict(config), "mask_ratio": list(config.mask_ratio)},
+        "data": {"train_sequences": 48, "val_sequences": 8},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def stage(root: Path) -> list[str]:
+    return [
+        sys.executable, str(ROOT / "stages" / "train.py"), "--params", str(root / "params.yaml"),
+        "--tokens", str(root / "tokens.zarr"), "--actions", str(root / "actions.zarr"),
+        "--output", str(root / "models"), "--reports", str(root / "reports"), "--no-progress",
+    ]  # fmt: skip
+
+
+def test_stage_reports_a_damaged_checkpoint_in_one_line(tmp_path: Path) -> None:
+    make_stores(tmp_path)
+    write_params(tmp_path, CONFIG)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "last.pt").write_bytes(b"\x00" * 100)
+    result = subprocess.run(stage(tmp_path), capture_output=True, text=True, cwd=tmp_path, env=ENV)
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "last.pt: corrupt or unreadable" in result.stderr
+
+
+@pytest.mark.slow
+def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    config = dataclasses.replace(CONFIG, epochs=5, checkpoint_every=10)
+    make_stores(tmp_path)
+    write_params(tmp_path, config)
+    process = subprocess.Popen(
+        stage(tmp_path), cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    last = tmp_path / "models" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert load_checkpoint(last)["epoch"] < config.epochs
+
+    resumed = subprocess.run(stage(tmp_path), cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stdout
+    assert tsv_steps(tmp_path / "reports", "val_loss") == [1, 2, 3, 4, 5]  # no duplicated rows
+
+    reference = tmp_path / "reference"
+    data = [
+        load_split(tmp_path / "tokens.zarr", tmp_path / "actions.zarr", split, 48, 8)
+        for split in ("train", "val")
+    ]
+    split = DataConfig(train_sequences=48, val_sequences=8)
+    train(config, ARCH, data[0], data[1], reference, None, run_params(MODEL, config, split), progress=False)
+    assert_same_weights(last, reference / "last.pt")
+    assert (
+        load_checkpoint(last)["history"][-1]["val_loss"]
+        == load_checkpoint(reference / "last.pt")["history"][-1]["val_loss"]
+    )
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_and_checkpoints(tmp_path: Path) -> None:
+    make_stores(tmp_path)
+    write_params(tmp_path, dataclasses.replace(CONFIG, nproc=2))
+    result = subprocess.run(
+        stage(tmp_path), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    payload = load_checkpoint(tmp_path / "models" / "last.pt")
+    assert payload["epoch"] == 2 and len(payload["rng"]) == 2  # one random state per rank
+    assert (tmp_path / "models" / "best.pt").exists()
+    assert all(np.isfinite(record["val_loss"]) for record in payload["history"])
+    assert tsv_steps(tmp_path / "reports", "loss") == [1, 2]
+    # Both ranks trained a share: 48 sequences / 2 ranks / batch 4 = 6 steps per epoch and rank.
+    assert payload["scheduler"]["last_epoch"] == 12
