@@ -17,7 +17,7 @@ import torch
 import typer
 
 from mnist_world.config import ModelConfig, SampleConfig
-from mnist_world.evaluation import resolve_device
+from mnist_world.devices import resolve_device
 from mnist_world.model import Architecture, build_model
 from mnist_world.sampling import new_generator, predict_future
 

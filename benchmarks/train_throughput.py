@@ -24,9 +24,10 @@ from einops import rearrange
 from torch import Tensor
 
 from mnist_world.config import ModelConfig, TrainConfig
+from mnist_world.devices import autocast, autocast_dtype, resolve_device
 from mnist_world.masking import make_batch
 from mnist_world.model import Architecture, SelfAttention, WorldModel, build_model
-from mnist_world.training import autocast, autocast_dtype, masked_cross_entropy, resolve_device
+from mnist_world.training import masked_cross_entropy
 
 
 class PlainSelfAttention(SelfAttention):

@@ -35,7 +35,8 @@ import typer
 from mnist_world import config
 from mnist_world.checkpoint import load_checkpoint
 from mnist_world.dataset import TokenSpec, load_split
-from mnist_world.evaluation import evaluate, resolve_device
+from mnist_world.devices import resolve_device
+from mnist_world.evaluation import evaluate
 from mnist_world.model import Architecture
 from mnist_world.store import create_store, open_array, open_store, write_json, write_sequences
 from mnist_world.training import run_params, train

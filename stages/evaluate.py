@@ -10,7 +10,8 @@ import typer
 
 from mnist_world import config
 from mnist_world.checkpoint import CheckpointError
-from mnist_world.evaluation import evaluate, resolve_device
+from mnist_world.devices import resolve_device
+from mnist_world.evaluation import evaluate
 from mnist_world.store import StoreError
 
 

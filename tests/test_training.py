@@ -20,13 +20,13 @@ import yaml
 from mnist_world.checkpoint import CheckpointError, load_checkpoint, load_model
 from mnist_world.config import DataConfig, ModelConfig, TrainConfig
 from mnist_world.dataset import load_split
+from mnist_world.devices import autocast_dtype
 from mnist_world.masking import make_batch
 from mnist_world.model import Architecture, build_model
 from mnist_world.store import create_store, write_sequences
 from mnist_world.tokens import token_attributes
 from mnist_world.training import (
     DivergenceError,
-    autocast_dtype,
     masked_cross_entropy,
     rng_state,
     run_differences,

@@ -31,17 +31,6 @@ CSV_METRICS = ("mse", "ssim", "psnr", "mse_sum")
 SCALE = 4  # picture enlargement: 32x32 frames become 128x128
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA, then MPS, then the CPU; anything else is taken as a torch device name."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
 def batch_seed(seed: int, first: int, stream: int = 0) -> int:
     """A well-mixed seed per batch, named by the sample seed, the batch's first sequence and a stream
     (0: future prediction, 1: unconditional generation)."""

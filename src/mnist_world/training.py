@@ -4,7 +4,6 @@ logging, self-describing checkpoints and exact resume after an interruption, in 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import math
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from mnist_world.checkpoint import load_checkpoint, save_checkpoint
 from mnist_world.config import DataConfig, ModelConfig, TrainConfig, as_dict
+from mnist_world.devices import autocast, autocast_dtype, resolve_device
 from mnist_world.masking import MaskedBatch, choose_objectives, make_batch
 from mnist_world.model import Architecture, WorldModel
 
@@ -82,48 +82,6 @@ def derived_seed(*keys: int) -> int:
     """A well-mixed 63-bit seed from integers (seed, stream, epoch, rank...): nearby keys, unrelated seeds."""
     entropy = [key % 2**64 for key in keys]  # SeedSequence takes non-negative integers only
     return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`auto`: CUDA, then MPS, then CPU. Under DDP each process takes the GPU of its local rank."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but no CUDA device is available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("train.device=mps but MPS is not available")
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-
-
-def cpu_has_native_bf16() -> bool:
-    # Private helpers, hence getattr: without AVX512-BF16 or AMX, bf16 is emulated and the attention
-    # backward runs 5x slower than fp32 (measured on the 2-core AMD EPYC this project is sized on).
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`, or None for plain fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def masked_cross_entropy(
