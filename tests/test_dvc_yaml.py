@@ -1,0 +1,48 @@
+"""dvc.yaml stays true to the code: each stage depends on exactly the library modules it imports, and
+declares params sections that exist."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mnist_world.config import SECTIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def library_imports(path: Path, found: set[str] | None = None) -> set[str]:
+    """Every `src/mnist_world/*.py` that `path` imports, directly or through other library modules."""
+    found = set() if found is None else found
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mnist_world"):
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names if alias.name.startswith("mnist_world")]
+        else:
+            continue
+        for name in names:
+            module = Path("src", *name.split(".")).with_suffix(".py")
+            if (ROOT / module).is_file() and str(module) not in found:
+                found.add(str(module))
+                library_imports(ROOT / module, found)
+    return found
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_deps_are_the_modules_it_imports(stage: str) -> None:
+    definition = STAGES[stage]
+    script = definition["cmd"].split()[1]
+    assert script in definition["deps"]
+    declared = {dep for dep in definition["deps"] if dep.startswith("src/")}
+    assert declared == library_imports(ROOT / script)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_params_name_real_sections(stage: str) -> None:
+    for param in STAGES[stage].get("params", []):
+        assert param.split(".")[0] in SECTIONS, f"{stage}: unknown params section in {param}"
