@@ -77,8 +77,16 @@ def create_store(path: str | Path, attributes: dict[str, Any] | None = None) -> 
 # 10,000 tiny records (actions, centres) would cost seconds to save bytes nobody reads one at a time.
 SMALL_RECORD_BYTES = 4096
 
-# Writes hand zarr's codec pipeline whole shards at once instead of one chunk per call (about 30% faster).
-_WRITE_CONFIG = {"codec_pipeline.batch_size": 1000}
+
+def bulk_io(sequences_per_shard: int) -> contextlib.AbstractContextManager:
+    """zarr settings for reading and writing whole shards: about twice as fast as the defaults.
+
+    Chunks go through the codecs a shard at a time rather than one by one, and every chunk is written
+    without first being compared with the fill value (a full-size comparison per chunk).
+    """
+    return zarr.config.set(
+        {"array.write_empty_chunks": True, "codec_pipeline.batch_size": max(1, sequences_per_shard)}
+    )
 
 
 def create_sequence_array(
@@ -116,7 +124,7 @@ def write_sequences(group: zarr.Group, name: str, data: np.ndarray, sequences_pe
 
 def write_blocks(array: zarr.Array, blocks: Iterable[tuple[int, np.ndarray]]) -> None:
     """Write (start, block) pairs of sequences into `array`; blocks should be whole shards for speed."""
-    with zarr.config.set(_WRITE_CONFIG):
+    with bulk_io(array.shards[0]):
         for start, block in blocks:
             array[start : start + len(block)] = block
 

@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
-from skimage.transform import resize
 from tqdm import tqdm
 
 from mnist_world.config import TokensConfig
 from mnist_world.store import (
     StoreError,
     attribute,
+    bulk_io,
     create_sequence_array,
     create_store,
     open_array,
@@ -27,17 +26,6 @@ from mnist_world.store import (
 
 DOWNSAMPLE_METHODS = ("area", "bilinear")
 DEQUANTIZE_RULE = "(token + 0.5) / levels"
-
-
-def bulk_io(sequences_per_shard: int) -> Any:
-    """zarr settings for reading and writing whole shards: about twice as fast as the defaults.
-
-    Chunks go through the codecs a shard at a time rather than one by one, and every chunk is written
-    without first being compared with the fill value (a full-size comparison per chunk).
-    """
-    return zarr.config.set(
-        {"array.write_empty_chunks": True, "codec_pipeline.batch_size": max(1, sequences_per_shard)}
-    )
 
 
 # --- Downsampling ------------------------------------------------------------------------------------------
@@ -105,17 +93,6 @@ def downsample(frames: np.ndarray, size: int, method: str = "area") -> np.ndarra
     flat = frames.reshape(-1, source, source).astype(np.float32) * np.float32(1 / 255)  # (F, S0, S0)
     out = weights @ flat @ weights.T  # rows then columns: (size, S0) @ (F, S0, S0) @ (S0, size)
     return np.clip(out, 0.0, 1.0).reshape(*lead, size, size)
-
-
-def downsample_reference(frames: np.ndarray, size: int) -> np.ndarray:
-    """skimage `resize(order=1)` frame by frame: the slow reference that `bilinear` reproduces (for tests)."""
-    lead = frames.shape[:-2]
-    flat = frames.reshape(-1, *frames.shape[-2:])
-    out = [
-        resize(frame, (size, size), order=1, mode="edge", anti_aliasing=False).astype(np.float32)
-        for frame in flat
-    ]
-    return np.stack(out).reshape(*lead, size, size)
 
 
 # --- Quantization ------------------------------------------------------------------------------------------
