@@ -43,40 +43,28 @@ def stores(tmp_path: Path) -> tuple[Path, Path]:
     return folder, tmp_path / "params.yaml"
 
 
-def test_prepare_then_run_writes_the_results(tmp_path: Path, stores: tuple[Path, Path]) -> None:
+@pytest.fixture
+def bundle(tmp_path: Path, stores: tuple[Path, Path]) -> tuple[Path, Path]:
+    """The bundle `prepare` writes from the tiny stores (no wheel download: tests stay offline)."""
     data, params = stores
-    bundle, output = tmp_path / "bundle", tmp_path / "out"
-    prepared = script(
-        "prepare",
-        "--data",
-        str(data),
-        "--bundle",
-        str(bundle),
-        "--params",
-        str(params),
-        "--no-download-wheels",
-    )
+    bundle = tmp_path / "bundle"
+    prepared = script("prepare", "--data", str(data), "--bundle", str(bundle), "--params", str(params),
+                      "--no-download-wheels")  # fmt: skip
     assert prepared.returncode == 0, prepared.stderr
-    assert json.loads((bundle / "split.json").read_text()) == {"train_sequences": 8, "val_sequences": 4}
+    return bundle, params
 
-    ran = script(
-        "run",
-        "--output",
-        str(output),
-        "--bundle",
-        str(bundle),
-        "--params",
-        str(params),
-        "--epochs",
-        "2",
-        "--eval-sequences",
-        "2",
-        "--probe",
-        "8",
-        "--work",
-        str(tmp_path / "work"),
-    )
+
+def run_recipe(tmp_path: Path, bundle: tuple[Path, Path], *options: str) -> subprocess.CompletedProcess:
+    folder, params = bundle
+    return script("run", "--output", str(tmp_path / "out"), "--bundle", str(folder), "--params", str(params),
+                  "--eval-sequences", "2", "--work", str(tmp_path / "work"), *options)  # fmt: skip
+
+
+def test_prepare_then_run_writes_the_results(tmp_path: Path, bundle: tuple[Path, Path]) -> None:
+    assert json.loads((bundle[0] / "split.json").read_text()) == {"train_sequences": 8, "val_sequences": 4}
+    ran = run_recipe(tmp_path, bundle, "--epochs", "2", "--probe", "8")
     assert ran.returncode == 0, ran.stderr
+    output = tmp_path / "out"
     results = json.loads((output / "results.json").read_text())
     assert results["epochs_done"] == 2 and len(results["epoch_seconds"]) == 2
     assert results["train_sequences"] == 8 and results["sequences_per_second"] > 0
@@ -89,43 +77,10 @@ def test_prepare_then_run_writes_the_results(tmp_path: Path, stores: tuple[Path,
     assert len(list(output.iterdir())) <= 8
 
 
-def test_a_time_budget_stops_training_cleanly(tmp_path: Path, stores: tuple[Path, Path]) -> None:
-    data, params = stores
-    bundle, output = tmp_path / "bundle", tmp_path / "out"
-    assert (
-        script(
-            "prepare",
-            "--data",
-            str(data),
-            "--bundle",
-            str(bundle),
-            "--params",
-            str(params),
-            "--no-download-wheels",
-        ).returncode
-        == 0
-    )
+def test_a_time_budget_stops_training_cleanly(tmp_path: Path, bundle: tuple[Path, Path]) -> None:
     # A budget already spent: one epoch runs, then training stops and evaluation still reports.
-    ran = script(
-        "run",
-        "--output",
-        str(output),
-        "--bundle",
-        str(bundle),
-        "--params",
-        str(params),
-        "--epochs",
-        "50",
-        "--eval-sequences",
-        "2",
-        "--probe",
-        "",
-        "--budget",
-        "1",
-        "--work",
-        str(tmp_path / "work"),
-    )
+    ran = run_recipe(tmp_path, bundle, "--epochs", "50", "--probe", "", "--budget", "1")
     assert ran.returncode == 0, ran.stderr
-    results = json.loads((output / "results.json").read_text())
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["epochs_done"] == 1 and results["epochs_asked"] == 50
     assert "time budget reached" in ran.stdout + ran.stderr
