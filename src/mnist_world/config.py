@@ -143,6 +143,9 @@ class TokensConfig:
     frame_size: int = 32
     levels: int = 16
     downsample: typing.Literal["area", "bilinear"] = "area"
+    # How tokens become pixels: `mean` (each level's mean intensity over the training split, measured by the
+    # quantize stage) or `centre` (the recipe's bin centres, (token + 0.5) / levels)
+    decode: typing.Literal["mean", "centre"] = "mean"
 
     def __post_init__(self) -> None:
         _require(self.frame_size > 0, "tokens.frame_size: must be positive")
@@ -172,9 +175,11 @@ class ModelConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.1
+    patch_size: int = 1  # p x p tokens per transformer position (1: one token per position, the recipe)
 
     def __post_init__(self) -> None:
         _require(self.layers >= 1, "model.layers: must be at least 1")
+        _require(self.patch_size >= 1, "model.patch_size: must be at least 1")
         _require(self.heads >= 1, "model.heads: must be at least 1")
         _require(
             self.embed_dim % self.heads == 0,
@@ -198,6 +203,8 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr: float = 1e-6
     weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's; CoPilot4D: (0.9, 0.95)
+    warmup_steps: int = 0  # linear LR warm-up from 0 before the cosine decay; CoPilot4D: 2000
     grad_clip: float = 1.0
     past_frames: int = 10
     mask_ratio: tuple[float, float] = (0.5, 1.0)
@@ -206,6 +213,8 @@ class TrainConfig:
     noise_eta: float = 0.0  # CoPilot4D: replace up to this share of the unmasked tokens with random ones
     label_smoothing: float = 0.0
     checkpoint_every: int = 10
+    log_every: int = 10  # training steps between logged loss values
+    point_sequences: int = 16  # validation sequences whose point prediction is scored after every epoch
     device: typing.Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # auto: bf16 autocast where the device computes bf16 natively (CUDA, CPUs with AVX512-BF16/AMX), else fp32
     precision: typing.Literal["auto", "bf16", "fp32"] = "auto"
@@ -221,6 +230,10 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr: must be positive")
         _require(0 <= self.min_lr <= self.lr, "train.min_lr: must be in [0, train.lr]")
         _require(self.weight_decay >= 0, "train.weight_decay: must not be negative")
+        _require(all(0 <= beta < 1 for beta in self.betas), "train.betas: each must be in [0, 1)")
+        _require(self.warmup_steps >= 0, "train.warmup_steps: must not be negative")
+        _require(self.log_every >= 1, "train.log_every: must be at least 1")
+        _require(self.point_sequences >= 0, "train.point_sequences: must not be negative")
         _require(self.grad_clip > 0, "train.grad_clip: must be positive")
         _require(self.past_frames >= 1, "train.past_frames: must be at least 1")
         low, high = self.mask_ratio
@@ -264,14 +277,16 @@ class SampleConfig:
 class EvalConfig:
     """How much of the validation split is scored, and how many pictures are drawn."""
 
-    sequences: int = 16
+    sequences: int = 64
     batch_size: int = 8
+    samples: int = 4  # sampled futures per sequence: the first is scored as `sampled`, all of them as best-of-N
     strips: int = 4
-    generations: int = 4
+    generations: int = 2
 
     def __post_init__(self) -> None:
         _require(self.sequences >= 1, "eval.sequences: must be at least 1")
         _require(self.batch_size >= 1, "eval.batch_size: must be at least 1")
+        _require(self.samples >= 1, "eval.samples: must be at least 1")
         _require(self.strips >= 0, "eval.strips: must not be negative")
         _require(self.generations >= 0, "eval.generations: must not be negative")
 
