@@ -1,0 +1,78 @@
+"""Live autoregressive dreaming: the next frame under an action known only now, one frame at a time.
+
+Composes the sampler's public pieces (`Context`, `unmask`, `guide`): the frames so far stay in the model's
+key/value cache, so each unmasking iteration runs the model on the new frame alone. The model has a fixed
+number of temporal positions; when the context fills them it slides: the newest `keep` frames are encoded
+afresh at positions 0..keep-1 (a frame's keys carry its position, so cached keys cannot simply shift).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from mnist_world.playground.world import Model
+from mnist_world.sampling import Context, guide, unmask
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """How each frame is unmasked."""
+
+    steps: int = 20
+    temperature: float = 1.0
+    guidance: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must not be negative, got {self.temperature}")
+        if self.guidance < 0:
+            raise ValueError(f"guidance must not be negative, got {self.guidance}")
+
+
+class Dreamer:
+    """The frames dreamed so far (within the model's window) and the next one on demand."""
+
+    def __init__(self, model: Model, tokens: Tensor, actions: Tensor, keep: int) -> None:
+        """Start after the given frames: tokens (C, H, W) ids and their actions (C, 2), on the model's device;
+        `keep` frames stay in the context when it slides (1 <= keep < the model's frames)."""
+        self.model = model
+        self.window = model.arch.frames
+        if not 1 <= keep < self.window:
+            raise ValueError(f"keep must be in [1, {self.window - 1}] for a model of {self.window} frames")
+        if not 1 <= tokens.shape[0] < self.window:
+            raise ValueError(f"start with 1 to {self.window - 1} frames, got {tokens.shape[0]}")
+        self.keep = keep
+        self.context = Context.encode(model, tokens[None].long(), actions[None].float())
+
+    @property
+    def context_frames(self) -> int:
+        """Frames the next one attends to."""
+        return self.context.frames
+
+    @torch.no_grad()
+    def next_frame(self, action: Tensor, settings: SamplerSettings, generator: torch.Generator) -> Tensor:
+        """Token ids (H, W) of the frame after the context, with the ego digit moved by `action` (2,)."""
+        if self.context.frames == self.window:
+            kept = self.context.tokens[:, -self.keep :], self.context.actions[:, -self.keep :]
+            self.context = Context.encode(self.model, *kept)
+        frames = self.context.frames
+        actions = torch.cat([self.context.actions[:, :frames], action.float().view(1, 1, 2)], dim=1)
+        context = dataclasses.replace(self.context, actions=actions)  # (1, C + 1, 2): the new frame's too
+
+        def logits_of(tokens: Tensor) -> Tensor:
+            conditional = context.logits(self.model, tokens)
+            if settings.guidance == 0:
+                return conditional
+            return guide(conditional, context.unconditional_logits(self.model, tokens), settings.guidance)
+
+        height, width = context.tokens.shape[2:]
+        mask_id = self.model.arch.mask_id
+        blank = torch.full((1, 1, height, width), mask_id, dtype=torch.long, device=actions.device)
+        frame = unmask(logits_of, blank, mask_id, settings.steps, settings.temperature, generator)
+        self.context = context.append(self.model, frame)
+        return frame[0, 0]
