@@ -16,8 +16,9 @@ import typer
 
 from mnist_world import actions
 from mnist_world.config import ActionsConfig, DataConfig, TokensConfig
+from mnist_world.frames import build_frames_store
 from mnist_world.sources import build_raw_store
-from mnist_world.tokens import build_frames_store, build_token_store
+from mnist_world.tokens import build_token_store
 
 
 def _timed_tracker() -> dict[str, float]:
@@ -56,8 +57,9 @@ def main(
                 root / "raw.zarr", root / "frames.zarr", token_config, shard, progress=False
             ),
             "quantize": lambda: build_token_store(
-                root / "frames.zarr", root / "tokens.zarr", token_config.levels, shard, progress=False
-            ),
+                root / "frames.zarr", root / "tokens.zarr", token_config.levels, shard,
+                train_sequences=min(data.train_sequences, data.num_sequences), progress=False,
+            ),  # fmt: skip
             "actions": lambda: actions.build_actions_store(
                 root / "raw.zarr", root / "actions.zarr", action_config, token_config.frame_size, shard, False
             ),

@@ -1,12 +1,17 @@
-"""Training throughput of the fast recipe (default model, batch 4, future objective), in sequences per second:
-our path (fused SDPA attention, precision auto) beside a plain reference of the same model (explicit
-softmax(q k^T / sqrt(d) + mask) v, fp32), both timed in the same run on the same batches.
+"""Training throughput of the fast recipe (the recipe's model, batch 4, future objective), in sequences per
+second: our path (fused SDPA attention, precision auto) beside a plain reference of the same model (explicit
+softmax(q k^T / sqrt(d) + mask) v, fp32), both timed in the same run on the same batches with the library's
+own training step (`training.train_step`), and against the machine's matmul roofline.
 
     python benchmarks/train_throughput.py                 # CPU: 1 warm-up step, 3 timed steps per variant
+    python benchmarks/train_throughput.py --patch 4       # the model with 4 x 4 patch tokens
     python benchmarks/train_throughput.py --device cuda   # GPU: 5 warm-up steps, 30 timed steps
     python benchmarks/train_throughput.py --original      # also with the original's attention dropout
 
-"speedup" is a variant's time per step over ours: how many times faster our path trains.
+"speedup" is a variant's time per step over ours: how many times faster our path trains. "roofline" is the
+model's arithmetic (forward and backward FLOPs, counted by torch's FlopCounterMode) per second as a share of
+the peak matmul rate measured here: bf16 where the CPU computes it natively (AVX512-BF16 or AMX), fp32
+elsewhere, with the same threads.
 """
 
 from __future__ import annotations
@@ -24,10 +29,9 @@ from einops import rearrange
 from torch import Tensor
 
 from mnist_world.config import ModelConfig, TrainConfig
-from mnist_world.devices import autocast, autocast_dtype, resolve_device
-from mnist_world.masking import make_batch
+from mnist_world.devices import autocast_dtype, cpu_has_native_bf16, resolve_device
 from mnist_world.model import Architecture, SelfAttention, WorldModel, build_model
-from mnist_world.training import masked_cross_entropy
+from mnist_world.training import Learner, configure_optimizer, train_step
 
 
 class PlainSelfAttention(SelfAttention):
@@ -72,30 +76,49 @@ def with_attention(model: WorldModel, attention: type[SelfAttention], dropout: f
 
 
 def training_step(
-    model: torch.nn.Module, device: torch.device, amp: torch.dtype | None
-) -> Callable[[tuple[Tensor, ...]], float]:
-    """A function that runs one training step (forward, masked loss, backward, clipping, AdamW) on a batch
-    and returns its wall-clock seconds."""
+    model: WorldModel, config: TrainConfig, device: torch.device, amp: torch.dtype | None
+) -> Callable[[tuple[Tensor, Tensor]], float]:
+    """A function that runs one `training.train_step` (make the batch's masks, forward, masked loss,
+    backward, clipping, AdamW, schedule) on a batch (tokens, actions) and returns its wall-clock seconds."""
     model.train()
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=3e-4, weight_decay=0.01)
+    optimizer = configure_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    learner = Learner(model, optimizer, scheduler)
+    masks = torch.Generator(device=device).manual_seed(0)
     synchronize: Callable[[], None] = torch.cuda.synchronize if device.type == "cuda" else lambda: None
 
-    def step(batch: tuple[Tensor, ...]) -> float:
-        inputs, actions, tokens, loss_mask, temporal_mask = batch
+    def step(batch: tuple[Tensor, Tensor]) -> float:
+        tokens, actions = batch
         synchronize()
         started = time.perf_counter()
-        with autocast(device, amp):
-            logits, _ = model(inputs, actions, temporal_mask)
-        loss, _, _ = masked_cross_entropy(logits, tokens, loss_mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
+        train_step(model, learner, tokens, actions, "future", config, masks, amp)
         synchronize()
         return time.perf_counter() - started
 
     return step
+
+
+def step_flops(model: WorldModel, config: TrainConfig, batch: tuple[Tensor, Tensor]) -> float:
+    """Floating-point operations of one training step's forward and backward (matmuls and attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    probe = copy.deepcopy(model)
+    step = training_step(probe, config, batch[0].device, None)
+    with FlopCounterMode(display=False) as counter:
+        step(batch)
+    return float(counter.get_total_flops())
+
+
+def peak_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """The best rate of a large square matmul in `dtype`: the roofline a training step is measured against."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = math.inf
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
 
 
 def main() -> None:
@@ -108,6 +131,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 CPU, 30 GPU)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--full", action="store_true", help="the full model (D=384, L=6) instead of the fast")
+    parser.add_argument("--patch", type=int, default=1, help="model.patch_size (1: the recipe)")
+    parser.add_argument("--dropout", type=float, default=0.1, help="model.dropout (0.1: the recipe)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of our path")
     parser.add_argument(
         "--original",
@@ -123,9 +148,10 @@ def main() -> None:
     steps = args.steps if args.steps is not None else (30 if gpu else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_config = ModelConfig(layers=6, embed_dim=384) if args.full else ModelConfig()
+    size = {"layers": 6, "embed_dim": 384} if args.full else {}
+    model_config = ModelConfig(**size, patch_size=args.patch, dropout=args.dropout)
     arch = Architecture.from_config(model_config, levels=16, frame_size=32, frames=20)
-    config = TrainConfig(batch_size=args.batch)
+    config = TrainConfig(batch_size=args.batch, device=device.type)
     torch.manual_seed(0)
     model = build_model(arch).to(device)
 
@@ -136,8 +162,7 @@ def main() -> None:
             0, arch.levels, (args.batch, arch.frames, 32, 32), device=device, generator=generator
         )
         actions = torch.randn(args.batch, arch.frames, 2, device=device, generator=generator) * 0.1
-        masked = make_batch("future", tokens, config, arch.levels, generator)
-        batches.append((masked.inputs, actions, tokens, masked.loss_mask, masked.temporal_mask))
+        batches.append((tokens, actions))
 
     ours_amp = autocast_dtype("auto", device)
     variants: list[tuple[str, torch.nn.Module, torch.dtype | None]] = [("ours (SDPA)", model, ours_amp)]
@@ -158,7 +183,7 @@ def main() -> None:
         f"L={arch.layers} ({model.num_parameters():,} parameters), batch {args.batch}, future objective; "
         f"{warmup} warm-up + {steps} timed steps"
     )
-    steppers = {name: training_step(variant, device, amp) for name, variant, amp in variants}
+    steppers = {name: training_step(variant, config, device, amp) for name, variant, amp in variants}
     precision = {name: "bf16" if amp else "fp32" for name, _, amp in variants}
     seconds: dict[str, list[float]] = {name: [] for name in steppers}
     # Round-robin, one step of each variant per round: on a shared machine, load that comes and goes
@@ -172,11 +197,22 @@ def main() -> None:
             print(f"  {kind} step {round_index + 1}: {name}: {elapsed:.3f} s", flush=True)
     results = {name: statistics.median(values) for name, values in seconds.items()}
 
+    flops = step_flops(model, config, batches[0])
+    native_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    peak_dtype = torch.bfloat16 if native_bf16 else torch.float32
+    peak = peak_matmul_flops(device, peak_dtype)
+    print(
+        f"\none step: {flops / 1e9:.1f} GFLOP ({flops / args.batch / 1e9:.1f} per sequence); peak "
+        f"{str(peak_dtype).removeprefix('torch.')} matmul here {peak / 1e9:.0f} GFLOP/s "
+        f"({'native bf16' if native_bf16 else 'no native bf16: fp32 peak'})"
+    )
     base = results["ours (SDPA)"]
-    print(f"\n{'variant':32s} {'precision':>9s} {'s/step':>9s} {'seq/s':>8s} {'speedup':>9s}")
+    print(f"{'variant':32s} {'precision':>9s} {'s/step':>9s} {'seq/s':>8s} {'speedup':>9s} {'roofline':>9s}")
     for name, median in results.items():
+        roofline = flops / median / peak
         print(
-            f"{name:32s} {precision[name]:>9s} {median:9.3f} {args.batch / median:8.3f} {median / base:8.2f}x"
+            f"{name:32s} {precision[name]:>9s} {median:9.3f} {args.batch / median:8.3f} "
+            f"{median / base:8.2f}x {roofline:8.1%}"
         )
 
 

@@ -13,8 +13,11 @@ frame and action stores into a bundle folder and downloads the wheels that zarr 
 
 (with the device tool: carry [".whl", "gpu_bundle"]; both folders are git-ignored and together well under the
 64 MiB that travels). It writes to --output: results.json (per-epoch wall time, peak GPU memory, throughput,
-the metrics table), results.md (the same as a README table), per_horizon.csv, and a few prediction strips.
-It stops training cleanly at --budget seconds (default: 8 minutes of wall time for the whole command).
+the metrics table), results.md (the same as a README table), per_horizon.csv, a few prediction strips and
+best.pt, the trained checkpoint (its params, data fingerprint and vocabulary inside; the date and GPU beside
+it in results.json). It stops training cleanly at --budget seconds (default: 8 minutes of wall time for the
+whole command). Whatever params.yaml's defaults, it trains the recipe's own model and optimiser (below);
+`--full` trains the full recipe (the 14.6M model, objectives 50/40/10).
 """
 
 from __future__ import annotations
@@ -34,19 +37,36 @@ import typer
 
 from mnist_world import config
 from mnist_world.checkpoint import load_checkpoint
-from mnist_world.dataset import TokenSpec, load_split
 from mnist_world.devices import resolve_device
 from mnist_world.evaluation import evaluate
-from mnist_world.model import Architecture
 from mnist_world.store import create_store, open_array, open_store, write_json, write_sequences
-from mnist_world.training import run_params, train
+from mnist_world.training import fit
 
 STORES = {"tokens.zarr": "tokens", "frames.zarr": "frames", "actions.zarr": "actions"}
 # What zarr 3 needs beyond the GPU machine's own packages, for its Python (3.12, x86-64).
 WHEELS = ["zarr", "numcodecs", "donfig", "google-crc32c"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
-# The recipe uses whole splits; epochs and batch size are options (default: the recipe's 50 and 4).
-RECIPE_TRAIN = {"max_train_sequences": 0, "max_val_sequences": 0, "device": "auto"}
+# The recipe (RECIPE.md), whatever params.yaml's defaults; epochs and batch size are options (50 and 4).
+RECIPE_MODEL = {"layers": 2, "embed_dim": 128, "heads": 4, "mlp_ratio": 4.0, "dropout": 0.1, "patch_size": 1}
+FULL_MODEL = {**RECIPE_MODEL, "layers": 6, "embed_dim": 384}
+RECIPE_TRAIN = {
+    "max_train_sequences": 0,  # whole splits
+    "max_val_sequences": 0,
+    "device": "auto",
+    "lr": 3e-4,
+    "min_lr": 1e-6,
+    "weight_decay": 0.01,
+    "betas": (0.9, 0.999),
+    "warmup_steps": 0,
+    "grad_clip": 1.0,
+    "past_frames": 10,
+    "mask_ratio": (0.5, 1.0),
+    "mask_schedule": "uniform",
+    "objectives": {"future": 1.0},
+    "noise_eta": 0.0,
+    "label_smoothing": 0.0,
+}
+FULL_OBJECTIVES = {"future": 0.5, "joint": 0.4, "individual": 0.1}
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 
@@ -106,10 +126,10 @@ def download(wheels: Path, python_version: str) -> None:
 
 def probe_batch_sizes(
     sizes: str,
+    model_config: config.ModelConfig,
     train_config: config.TrainConfig,
-    arch: Architecture,
-    train_data: Any,
-    val_data: Any,
+    data: config.DataConfig,
+    stores: tuple[Path, Path],
     work: Path,
     deadline: float,
 ) -> dict[str, float]:
@@ -122,18 +142,10 @@ def probe_batch_sizes(
         if time.monotonic() > deadline:
             break
         probe = dataclasses.replace(train_config, epochs=2, batch_size=size)
-        train(
-            probe,
-            arch,
-            train_data,
-            val_data,
-            work / f"probe_{size}",
-            reports_dir=None,
-            progress=False,
-            fresh=True,
-        )
-        seconds = load_checkpoint(work / f"probe_{size}" / "last.pt")["history"][-1]["seconds"]
-        rates[str(size)] = train_data[0].shape[0] / seconds
+        folder = work / f"probe_{size}"
+        fit(model_config, probe, data, *stores, folder, reports_dir=None, progress=False, fresh=True)
+        seconds = load_checkpoint(folder / "last.pt")["history"][-1]["seconds"]
+        rates[str(size)] = data.train_sequences / seconds
     return rates
 
 
@@ -151,17 +163,38 @@ def summary_line(results: dict[str, Any]) -> str:
 
 
 def metrics_table(metrics: dict[str, Any]) -> str:
-    """The model beside the three baselines, as a Markdown table."""
+    """The model's point, sampled and best-of-N futures beside the three baselines, as a Markdown table, and
+    the action-following figures."""
     rows = [
-        ("model", "model"),
+        ("model: point prediction", "point"),
+        ("model: one sample", "sampled"),
+        (f"model: best of {metrics['samples']} samples", "best_of_n"),
         ("copy last frame", "copy_last"),
         ("blank frame", "blank"),
         ("quantization floor", "quantization"),
     ]
-    lines = ["| | MSE | MSE (sum per frame) | PSNR (dB) | SSIM |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| | MSE | MSE / blank | MSE (sum per frame) | PSNR (dB) | SSIM |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    blank = metrics["blank"]["mse"]
     for label, key in rows:
-        m = metrics[key]
-        lines.append(f"| {label} | {m['mse']:.5f} | {m['mse_sum']:.2f} | {m['psnr']:.2f} | {m['ssim']:.4f} |")
+        if key in metrics:
+            m = metrics[key]
+            cells = [f"{m['mse']:.5f}", f"{m['mse'] / blank:.3f}", f"{m['mse_sum']:.2f}", f"{m['psnr']:.2f}"]
+            lines.append(f"| {label} | {' | '.join(cells)} | {m['ssim']:.4f} |")
+
+    def figure(values: dict[str, Any], key: str) -> str:
+        return "n/a" if values.get(key) is None else f"{values[key]:.2f}"
+
+    following, counterfactual = metrics["action_following"], metrics["counterfactual"]
+    lines.append(
+        f"\nAction following (one sample): error {figure(following, 'error_px')} px per frame (true frames "
+        f"{figure(following, 'ground_truth_error_px')}, a still digit "
+        f"{figure(following, 'still_error_px')}), "
+        f"cosine {figure(following, 'cosine')}; mirrored actions: cosine to the factual "
+        f"{figure(counterfactual, 'cosine_to_factual')}"
+    )
     return "\n".join(lines)
 
 
@@ -185,43 +218,41 @@ def run(
     probe: Annotated[
         str, typer.Option(help="Larger batch sizes timed for one epoch each, time allowing.")
     ] = "16,64",
+    full: Annotated[bool, typer.Option(help="The full recipe: 14.6M model, objectives 50/40/10.")] = False,
 ) -> None:
     """Train the recipe on the bundle and evaluate it on the validation split; write the figures to OUTPUT."""
     started = time.monotonic()
     split = json.loads((bundle / "split.json").read_text())
     data = dataclasses.replace(config.load("data", params), **split)
-    model_config = config.load("model", params)
+    model_config = dataclasses.replace(config.load("model", params), **(FULL_MODEL if full else RECIPE_MODEL))
     train_config = dataclasses.replace(
         config.load("train", params),
         **RECIPE_TRAIN,
         epochs=epochs,
         batch_size=batch_size,
         compile=compile_model,
+        **({"objectives": FULL_OBJECTIVES} if full else {}),
     )
     sample = config.load("sample", params)
     evaluation = dataclasses.replace(
         config.load("eval", params), sequences=eval_sequences, batch_size=50, strips=3, generations=1
     )
+    decode = config.load("tokens", params).decode
     tokens, frames, actions = (bundle / name for name in STORES)
-    spec = TokenSpec.from_store(tokens)
-    arch = Architecture.from_config(model_config, spec.levels, spec.frame_size, spec.frames)
-    sizes = (data.train_sequences, data.val_sequences)
-    train_data = load_split(tokens, actions, "train", *sizes)
-    val_data = load_split(tokens, actions, "val", *sizes)
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     # Keep a minute and a half for evaluation and writing: the 500-sequence evaluation takes under a minute.
     deadline = started + budget - 90
     models = work / "models"
-    summary = train(
+    summary = fit(
+        model_config,
         train_config,
-        arch,
-        train_data,
-        val_data,
+        data,
+        tokens,
+        actions,
         models,
         reports_dir=None,
-        params=run_params(model_config, train_config, data),
         fresh=True,
         deadline=deadline,
     )
@@ -236,12 +267,12 @@ def run(
         actions,
         sample,
         evaluation,
-        data,
         work / "eval",
+        decode=decode,
         device=resolve_device(train_config.device),
     )
     throughput = probe_batch_sizes(
-        probe, train_config, arch, train_data, val_data, work, started + budget - 20
+        probe, model_config, train_config, data, (tokens, actions), work, started + budget - 20
     )
     epoch_seconds = [record["seconds"] for record in history]
     steady = epoch_seconds[1:] or epoch_seconds  # the first epoch pays for warm-up (and compilation)
@@ -253,10 +284,12 @@ def run(
         "epochs_asked": epochs,
         "batch_size": batch_size,
         "compile": compile_model,
-        "train_sequences": int(train_data[0].shape[0]),
+        "recipe": "full" if full else "fast",
+        "parameters": load_checkpoint(models / "best.pt")["architecture"],
+        "train_sequences": data.train_sequences,
         "epoch_seconds": epoch_seconds,
         "epoch_seconds_median": sorted(steady)[len(steady) // 2],
-        "sequences_per_second": train_data[0].shape[0] / (sorted(steady)[len(steady) // 2]),
+        "sequences_per_second": data.train_sequences / (sorted(steady)[len(steady) // 2]),
         "train_seconds": train_seconds,
         "total_seconds": time.monotonic() - started,
         "peak_memory_gib": peak_gib,
@@ -268,6 +301,7 @@ def run(
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / "results.json", results)
     shutil.copy(work / "eval" / "per_horizon.csv", output / "per_horizon.csv")
+    shutil.copy(models / "best.pt", output / "best.pt")  # the trained weights, a few MB
     for index, strip in enumerate(sorted((work / "eval" / "future_pred").glob("*.png"))[:3]):
         shutil.copy(strip, output / f"strip_{index}.png")
     (output / "results.md").write_text(f"{summary_line(results)}\n\n{metrics_table(metrics)}\n")

@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from mnist_world import config
-from mnist_world.store import StoreError
-from mnist_world.tokens import build_frames_store
+from mnist_world import cli, config
+from mnist_world.frames import build_frames_store
+from mnist_world.store import check_writable
 
 
 def main(
@@ -25,13 +25,10 @@ def main(
 ) -> None:
     """Downsample the raw uint8 frames to tokens.frame_size with tokens.downsample (area or bilinear)."""
     started = time.perf_counter()
-    try:
-        tokens = config.load("tokens", params)
-        data = config.load("data", params)
-        attributes = build_frames_store(raw, output, tokens, data.sequences_per_shard, progress=progress)
-    except (config.ConfigError, StoreError, ValueError, OSError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
+    tokens = config.load("tokens", params)
+    data = config.load("data", params)
+    check_writable(output)
+    attributes = build_frames_store(raw, output, tokens, data.sequences_per_shard, progress=progress)
     size = attributes["frame_size"]
     typer.echo(
         f"{output}: {attributes['canvas']}x{attributes['canvas']} -> {size}x{size} frames "
@@ -40,4 +37,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    cli.run(main)

@@ -1,4 +1,5 @@
-"""Stage `quantize`: data/frames.zarr -> data/tokens.zarr (uniform bins) and the quantization floor."""
+"""Stage `quantize`: data/frames.zarr -> data/tokens.zarr (uniform bins, each level's mean intensity over the
+training split) and the quantization floor."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from mnist_world import config
-from mnist_world.store import StoreError, write_json
+from mnist_world import cli, config
+from mnist_world.store import check_writable, write_json
 from mnist_world.tokens import build_token_store
 
 
@@ -28,20 +29,19 @@ def main(
 ) -> None:
     """Quantize the frames into tokens.levels uniform bins; report the error of the decoded tokens."""
     started = time.perf_counter()
-    try:
-        tokens = config.load("tokens", params)
-        data = config.load("data", params)
-        floor = build_token_store(frames, output, tokens.levels, data.sequences_per_shard, progress=progress)
-        write_json(report, floor)
-    except (config.ConfigError, StoreError, ValueError, OSError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
-    psnr = floor["quantization_psnr"]
+    tokens = config.load("tokens", params)
+    data = config.load("data", params)
+    check_writable(output, report)
+    floor = build_token_store(
+        frames, output, tokens.levels, data.sequences_per_shard, data.train_sequences, progress=progress
+    )
+    write_json(report, floor)
+    mean, centre = floor["quantization"]["mean"], floor["quantization"]["centre"]
     typer.echo(
-        f"{output}: {tokens.levels} levels, quantization floor MSE {floor['quantization_mse']:.3g} "
-        f"(PSNR {'exact' if psnr is None else f'{psnr:.2f} dB'}) in {time.perf_counter() - started:.1f} s"
+        f"{output}: {tokens.levels} levels, quantization floor MSE {mean['mse']:.3g} decoding to bin means "
+        f"({centre['mse']:.3g} to bin centres) in {time.perf_counter() - started:.1f} s"
     )
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    cli.run(main)

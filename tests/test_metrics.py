@@ -1,5 +1,4 @@
-"""Pixel metrics against hand-computed values, the baselines, and action following on sequences whose
-answer is known (the true frames as the "prediction")."""
+"""Pixel metrics against hand-computed values, the baselines and the tables of per-frame values."""
 
 from __future__ import annotations
 
@@ -8,10 +7,7 @@ import pytest
 from skimage.metrics import structural_similarity
 
 from mnist_world import metrics
-from mnist_world.actions import actions_from_centres, ego_centres
-from mnist_world.config import DataConfig
-from mnist_world.sources import generate_sequences
-from mnist_world.tokens import dequantize, downsample, quantize
+from mnist_world.tokens import Vocabulary, quantize
 
 
 @pytest.fixture(scope="module")
@@ -62,61 +58,36 @@ def test_baselines_are_the_quantization_floor_the_last_frame_and_blank():
     rng = np.random.default_rng(1)
     frames = rng.random((2, 5, 8, 8)).astype(np.float32)
     tokens = quantize(frames, 16)
-    answers = metrics.baselines(frames[:, :3], tokens[:, 3:], 16)
-    np.testing.assert_array_equal(answers["quantization"], dequantize(tokens[:, 3:], 16))
+    vocabulary = Vocabulary.uniform(16, 8, 5)
+    answers = metrics.baselines(frames[:, :3], tokens[:, 3:], vocabulary.decode)
+    np.testing.assert_array_equal(answers["quantization"], (tokens[:, 3:] + 0.5) / 16)
     np.testing.assert_array_equal(answers["copy_last"], np.repeat(frames[:, 2:3], 2, axis=1))
     assert answers["blank"].shape == (2, 2, 8, 8) and not answers["blank"].any()
     # The quantization floor: at most half a bin from the truth.
     assert np.abs(answers["quantization"] - frames[:, 3:]).max() <= 0.5 / 16 + 1e-6
 
 
-def test_summary_means_overall_and_per_horizon_and_the_comparison():
-    per_frame = {
-        "model": {"mse": np.array([[1.0, 3.0], [3.0, 5.0]]), "ssim": np.array([[0.9, 0.7], [0.9, 0.5]])},
-        "copy_last": {"mse": np.array([[2.0, 4.0], [2.0, 8.0]]), "ssim": np.array([[0.8, 0.6], [0.8, 0.4]])},
+def test_tables_average_per_horizon_and_overall_in_method_order():
+    scores = {
+        "point": {"mse": np.array([[1.0, 3.0], [3.0, 5.0]]), "ssim": np.array([[0.9, 0.7], [0.9, 0.5]])},
+        "blank": {"mse": np.array([[2.0, 4.0], [2.0, 8.0]]), "ssim": np.array([[0.8, 0.6], [0.8, 0.4]])},
     }
-    overall, rows = metrics.summarize(per_frame)
-    assert overall["model"] == {"mse": 3.0, "ssim": 0.75}
-    assert rows == [
-        {"horizon": 1, "model_mse": 2.0, "copy_last_mse": 2.0, "model_ssim": 0.9, "copy_last_ssim": 0.8},
-        {"horizon": 2, "model_mse": 4.0, "copy_last_mse": 6.0, "model_ssim": 0.6, "copy_last_ssim": 0.5},
-    ]
-    comparison = metrics.versus(overall["model"], overall["copy_last"])
-    assert comparison["mse_ratio"] == pytest.approx(0.75) and comparison["beats"] is True
-    assert metrics.versus(overall["copy_last"], overall["model"])["beats"] is False
-
-
-@pytest.fixture(scope="module")
-def moving():
-    """Generated sequences at the token resolution and their true ego actions, as the actions stage defines
-    them: the ego digit's displacement from t - 1 to t divided by (W/2, H/2)."""
-    data = DataConfig(num_sequences=24, seed=3)
-    generated = generate_sequences(data, progress=False)
-    frames = downsample(generated.frames, 32)  # (N, T, 32, 32)
-    centres = ego_centres(generated.centers, generated.ink) * (32 / data.canvas)  # (N, T, 2) token pixels
-    return frames, actions_from_centres(centres, 32)
-
-
-def test_true_frames_follow_their_actions_and_not_the_mirrored_ones(moving):
-    frames, actions = moving
-    past = 10
-    displacement, tracked = metrics.ego_displacements(frames, threshold=0.2, min_area=4, digits=2, canvas=64)
-    assert displacement.shape == (24, 19, 2) and tracked.mean() > 0.8
-    future = displacement[tracked, past - 1 :]
-    factual = metrics.action_following(future, actions[tracked, past:], frame_size=32)
-    # Whole-pixel tracking at 32x32 of a digit moving about 1.8 px per frame: within a pixel on average.
-    assert factual["error_px"].mean() < 0.8
-    assert factual["cosine"].mean() > 0.85 and factual["follows"].all()
-    mirrored = metrics.action_following(future, metrics.mirror(actions, past)[tracked, past:], frame_size=32)
-    assert mirrored["cosine"].mean() < -0.85 and not mirrored["follows"].any()
-    assert mirrored["error_px"].mean() > 2 * factual["error_px"].mean()
-
-
-def test_action_following_by_hand():
-    displacement = np.array([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])  # (2, 2, 2) pixels
-    actions = np.array([[[0.25, 0.0], [0.0, 0.25]], [[0.25, 0.0], [0.25, 0.0]]])  # x W/2 = 4: 1 px
-    scores = metrics.action_following(displacement, actions, frame_size=8)
-    np.testing.assert_allclose(scores["error_px"], [(0 + np.sqrt(2)) / 2, 1.0])
-    np.testing.assert_allclose(scores["cosine"], [0.5, 0.0])  # (1*1 + 0) / (sqrt(2) * sqrt(2)); still: 0
-    np.testing.assert_array_equal(scores["follows"], [True, False])
-    np.testing.assert_array_equal(metrics.mirror(actions, 1)[:, 1], -actions[:, 1])
+    table = metrics.frame_table(scores, first_sequence=10)
+    assert len(table) == 8 and set(table["sequence"]) == {10, 11} and set(table["horizon"]) == {1, 2}
+    row = table[(table["method"] == "blank") & (table["sequence"] == 11) & (table["horizon"] == 2)]
+    assert row["mse"].item() == 8.0 and row["ssim"].item() == 0.4
+    means = metrics.overall(table)
+    assert list(means) == ["point", "blank"]
+    assert means["point"] == pytest.approx({"mse": 3.0, "ssim": 0.75})
+    assert means["blank"] == pytest.approx({"mse": 4.0, "ssim": 0.65})
+    horizons = metrics.per_horizon(table)
+    assert list(horizons.columns) == ["horizon", "point_mse", "blank_mse", "point_ssim", "blank_ssim"]
+    expected = {
+        "horizon": [1, 2],
+        "point_mse": [2.0, 4.0],
+        "blank_mse": [2.0, 6.0],
+        "point_ssim": [0.9, 0.6],
+        "blank_ssim": [0.8, 0.5],
+    }
+    for column, values in expected.items():
+        np.testing.assert_allclose(horizons[column], values, err_msg=column)

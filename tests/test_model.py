@@ -12,6 +12,8 @@ from mnist_world.masking import causal_mask, identity_mask
 from mnist_world.model import Architecture, build_model, cache_frames
 
 TINY = Architecture(levels=16, frame_size=8, frames=20, layers=1, embed_dim=16, heads=2, dropout=0.1)
+PATCHES = [TINY, *(dataclasses.replace(TINY, patch_size=p) for p in (2, 4))]
+PATCH_IDS = ["p1", "p2", "p4"]
 
 
 def inputs(arch: Architecture, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,22 +23,54 @@ def inputs(arch: Architecture, batch: int = 2, seed: int = 0) -> tuple[torch.Ten
     return tokens, torch.randn(batch, arch.frames, 2, generator=generator)
 
 
-def test_logits_cover_every_token_with_the_levels_only() -> None:
-    model = build_model(TINY).eval()
-    tokens, actions = inputs(TINY)
-    logits, cache = model(tokens, actions, causal_mask(TINY.frames))
-    assert logits.shape == (2, TINY.frames, 8, 8, TINY.levels)  # the mask token is never predicted
-    assert len(cache) == TINY.layers and cache_frames(cache) == TINY.frames
-    assert cache[0][0].shape == (2 * 8 * 8, TINY.heads, TINY.frames, TINY.embed_dim // TINY.heads)
+@pytest.mark.parametrize("arch", PATCHES, ids=PATCH_IDS)
+def test_logits_cover_every_token_with_the_levels_only(arch: Architecture) -> None:
+    model = build_model(arch).eval()
+    tokens, actions = inputs(arch)
+    logits, cache = model(tokens, actions, causal_mask(arch.frames))
+    assert logits.shape == (2, arch.frames, 8, 8, arch.levels)  # the mask token is never predicted
+    assert len(cache) == arch.layers and cache_frames(cache) == arch.frames
+    positions = (8 // arch.patch_size) ** 2  # one transformer position per p x p block of tokens
+    assert cache[0][0].shape == (2 * positions, arch.heads, arch.frames, arch.embed_dim // arch.heads)
 
 
 @pytest.mark.parametrize(
     ("model_config", "expected"),
-    [(ModelConfig(), 667_664), (ModelConfig(layers=6, embed_dim=384), 14_600_000)],
+    [
+        (ModelConfig(), 667_664),  # the recipe's fast model
+        (ModelConfig(layers=6, embed_dim=384), 14_615_056),  # the recipe's full model
+        (ModelConfig(patch_size=2), 582_080),
+        (ModelConfig(patch_size=4), 608_384),
+    ],
 )
-def test_parameter_counts_match_the_recipe(model_config: ModelConfig, expected: int) -> None:
+def test_parameter_counts_are_exact(model_config: ModelConfig, expected: int) -> None:
+    """Exact: a lost position embedding (2,560 of the fast model's parameters) must not pass."""
     arch = Architecture.from_config(model_config, levels=16, frame_size=32, frames=20)
-    assert build_model(arch).num_parameters() == pytest.approx(expected, rel=0.02)
+    assert build_model(arch).num_parameters() == expected
+
+
+def test_a_patch_holds_its_tokens_in_place() -> None:
+    """At p = 2 a token changed at (row 5, column 2) moves the embedding of position (2, 1) alone, and the
+    logits come back in the tokens' own layout (the four cells of a patch differ)."""
+    arch = dataclasses.replace(TINY, patch_size=2, dropout=0.0)
+    model = build_model(arch).eval()
+    tokens, actions = inputs(arch)
+    changed = tokens.clone()
+    changed[:, :, 5, 2] = (changed[:, :, 5, 2] + 1) % arch.levels
+    captured = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    model(tokens, actions)
+    model(changed, actions)
+    hook.remove()
+    moved = (captured[0] - captured[1]).abs().sum(dim=(0, 1, 3))  # (positions,) embedding change
+    assert moved.nonzero().flatten().tolist() == [2 * 4 + 1]
+    logits = model(tokens, actions)[0]
+    assert not torch.allclose(logits[:, :, 0, 0], logits[:, :, 0, 1])
+
+
+def test_a_patch_size_that_does_not_divide_the_frame_fails() -> None:
+    with pytest.raises(ValueError, match="model.patch_size=3 does not divide the 8x8"):
+        dataclasses.replace(TINY, patch_size=3)
 
 
 def test_the_architecture_rebuilds_the_same_model() -> None:
@@ -47,13 +81,14 @@ def test_the_architecture_rebuilds_the_same_model() -> None:
     assert torch.equal(model.eval()(tokens, actions)[0], rebuilt.eval()(tokens, actions)[0])
 
 
-def test_causal_mask_hides_the_future() -> None:
-    model = build_model(TINY).eval()
-    tokens, actions = inputs(TINY)
+@pytest.mark.parametrize("arch", PATCHES, ids=PATCH_IDS)
+def test_causal_mask_hides_the_future(arch: Architecture) -> None:
+    model = build_model(arch).eval()
+    tokens, actions = inputs(arch)
     changed = tokens.clone()
-    changed[:, 12:] = (changed[:, 12:] + 1) % TINY.levels
-    before = model(tokens, actions, causal_mask(TINY.frames))[0]
-    after = model(changed, actions, causal_mask(TINY.frames))[0]
+    changed[:, 12:] = (changed[:, 12:] + 1) % arch.levels
+    before = model(tokens, actions, causal_mask(arch.frames))[0]
+    after = model(changed, actions, causal_mask(arch.frames))[0]
     torch.testing.assert_close(before[:, :12], after[:, :12])
     assert not torch.allclose(before[:, 12:], after[:, 12:])
 
@@ -69,10 +104,11 @@ def test_identity_mask_sees_one_frame() -> None:
     torch.testing.assert_close(before[:, untouched], after[:, untouched])
 
 
-def test_cached_decoding_equals_uncached() -> None:
+@pytest.mark.parametrize("arch", PATCHES, ids=PATCH_IDS)
+def test_cached_decoding_equals_uncached(arch: Architecture) -> None:
     """Frames 10..19 decoded against a cache of frames 0..9 give the logits of one causal pass over 0..19."""
-    model = build_model(TINY).eval()
-    tokens, actions = inputs(TINY)
+    model = build_model(arch).eval()
+    tokens, actions = inputs(arch)
     full, _ = model(tokens, actions, causal_mask(20))
     _, cache = model(tokens[:, :10], actions[:, :10], causal_mask(10))
     future, extended = model(tokens[:, 10:], actions[:, 10:], causal_mask(10, past=10), cache=cache)

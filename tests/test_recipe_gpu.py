@@ -11,9 +11,11 @@ import pytest
 import yaml
 
 from mnist_world.actions import build_actions_store
+from mnist_world.checkpoint import load_model
 from mnist_world.config import ActionsConfig, DataConfig, TokensConfig, build
+from mnist_world.frames import build_frames_store
 from mnist_world.sources import build_raw_store
-from mnist_world.tokens import build_frames_store, build_token_store
+from mnist_world.tokens import build_token_store
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "recipe_gpu.py"
@@ -38,7 +40,7 @@ def stores(tmp_path: Path) -> tuple[Path, Path]:
     folder = tmp_path / "data"
     build_raw_store(data, folder / "raw.zarr", progress=False)
     build_frames_store(folder / "raw.zarr", folder / "frames.zarr", TokensConfig(frame_size=8), 4)
-    build_token_store(folder / "frames.zarr", folder / "tokens.zarr", 16, 4)
+    build_token_store(folder / "frames.zarr", folder / "tokens.zarr", 16, 4, train_sequences=8)
     build_actions_store(folder / "raw.zarr", folder / "actions.zarr", ActionsConfig(), 8, 4)
     return folder, tmp_path / "params.yaml"
 
@@ -69,10 +71,19 @@ def test_prepare_then_run_writes_the_results(tmp_path: Path, bundle: tuple[Path,
     assert results["epochs_done"] == 2 and len(results["epoch_seconds"]) == 2
     assert results["train_sequences"] == 8 and results["sequences_per_second"] > 0
     assert set(results["larger_batches"]) == {"8"}
-    assert {"model", "copy_last", "blank", "quantization"} <= set(results["metrics"])
+    assert {"point", "sampled", "copy_last", "blank", "quantization"} <= set(results["metrics"])
+    assert (
+        results["parameters"]["patch_size"] == 1 and results["parameters"]["embed_dim"] == 128
+    )  # the recipe
     table = (output / "results.md").read_text()
-    assert "| copy last frame |" in table and "| quantization floor |" in table
+    for row in ("model: point prediction", "model: one sample", "copy last frame", "quantization floor"):
+        assert f"| {row} |" in table, row
+    assert "Action following" in table
     assert (output / "per_horizon.csv").is_file() and (output / "strip_0.png").is_file()
+    # The trained weights come back, loadable with their provenance.
+    model, payload = load_model(output / "best.pt")
+    assert payload["params"]["train"]["lr"] == 3e-4 and payload["params"]["data"]["train_sequences"] == 8
+    assert "vocabulary" in payload and "data_fingerprint" in payload
     # What comes back from the GPU machine is at most 8 files.
     assert len(list(output.iterdir())) <= 8
 

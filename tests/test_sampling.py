@@ -17,6 +17,7 @@ from mnist_world.sampling import (
     guide,
     masked_count,
     new_generator,
+    point_prediction,
     predict_future,
     warn_if_unguided,
 )
@@ -25,11 +26,19 @@ LEVELS, SIZE, FRAMES, PAST = 4, 8, 6, 3
 MASK = LEVELS
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=[1, 2], ids=["p1", "p2"])
+def model(request):
+    """Every sampler test runs with one token per position and with 2 x 2 patches."""
     torch.manual_seed(0)
     arch = Architecture(
-        levels=LEVELS, frame_size=SIZE, frames=FRAMES, layers=1, embed_dim=16, heads=2, dropout=0.0
+        levels=LEVELS,
+        frame_size=SIZE,
+        frames=FRAMES,
+        layers=1,
+        embed_dim=16,
+        heads=2,
+        dropout=0.0,
+        patch_size=request.param,
     )
     return build_model(arch).eval()
 
@@ -240,3 +249,31 @@ def test_a_model_that_knows_the_future_gets_it_back_exactly(batch, mode, cached)
     config = SampleConfig(steps=5, mode=mode, temperature=0.0, guidance=1.0)
     future = run(oracle(tokens), batch, config, cached=cached)
     assert torch.equal(future, tokens[:, PAST:])
+
+
+# --- The point prediction --------------------------------------------------------------------------------
+
+
+def test_a_certain_model_predicts_the_decoded_truth(batch):
+    """A model that puts all its probability on the true tokens: its point prediction is the floor."""
+    tokens, actions = batch
+
+    def oracle(inputs, actions, temporal_mask, cache=None, start_frame=None):
+        return 100.0 * torch.nn.functional.one_hot(tokens, LEVELS).float(), []
+
+    intensities = torch.tensor([0.0, 0.2, 0.7, 1.0])
+    point = point_prediction(oracle, tokens[:, :PAST], actions, intensities, MASK)
+    torch.testing.assert_close(point, intensities[tokens[:, PAST:]])
+
+
+def test_the_point_prediction_is_the_mean_of_the_future_distribution(model, batch):
+    tokens, actions = batch
+    intensities = torch.tensor([0.0, 0.2, 0.7, 1.0])
+    point = point_prediction(model, tokens[:, :PAST], actions, intensities, MASK)
+    hidden = tokens.clone()
+    hidden[:, PAST:] = MASK  # every future token hidden, the past given
+    logits, _ = model(hidden, actions, causal_mask(FRAMES))
+    probabilities = torch.softmax(logits[:, PAST:], dim=-1)  # (B, F, H, W, levels)
+    expected = (probabilities * intensities).sum(dim=-1)
+    torch.testing.assert_close(point, expected)
+    assert point.shape == (3, FRAMES - PAST, SIZE, SIZE)

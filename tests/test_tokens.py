@@ -1,4 +1,5 @@
-"""Downsampling, uniform quantization, and the frame and token stores with their quantization floor."""
+"""Downsampling, uniform quantization, the vocabulary, and the frame and token stores with their
+quantization floor."""
 
 import json
 import subprocess
@@ -10,15 +11,9 @@ import pytest
 from skimage.transform import resize
 
 from mnist_world.config import TokensConfig
-from mnist_world.store import create_store, open_array, write_sequences
-from mnist_world.tokens import (
-    area_weights,
-    build_frames_store,
-    build_token_store,
-    dequantize,
-    downsample,
-    quantize,
-)
+from mnist_world.frames import area_weights, build_frames_store, downsample
+from mnist_world.store import StoreError, create_store, open_array, write_sequences
+from mnist_world.tokens import Vocabulary, build_token_store, quantize, token_attributes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,8 +76,9 @@ def test_uniform_bins_give_every_level_an_equal_share() -> None:
     np.testing.assert_array_equal(np.bincount(tokens, minlength=levels), 10_000)
     assert quantize(np.array([0.0, 1 / 16, 0.5, 15 / 16, 1.0]), levels).tolist() == [0, 1, 8, 15, 15]
     # Decoding to the bin centre is at most half a bin from any value in the bin.
-    assert np.abs(dequantize(tokens, levels) - x).max() <= 0.5 / levels + 1e-7
-    np.testing.assert_allclose(dequantize(np.arange(levels), levels), (np.arange(levels) + 0.5) / levels)
+    centres = Vocabulary.uniform(levels, 1, 1)
+    assert np.abs(centres.decode(tokens) - x).max() <= 0.5 / levels + 1e-7
+    np.testing.assert_allclose(centres.decode(np.arange(levels)), (np.arange(levels) + 0.5) / levels)
 
 
 def test_token_store_attributes_and_quantization_floor(tmp_path: Path) -> None:
@@ -90,7 +86,9 @@ def test_token_store_attributes_and_quantization_floor(tmp_path: Path) -> None:
     write_raw(tmp_path / "raw.zarr", raw, source="generate")
     config = TokensConfig(frame_size=4, levels=8, downsample="area")
     build_frames_store(tmp_path / "raw.zarr", tmp_path / "frames.zarr", config, 2, progress=False)
-    floor = build_token_store(tmp_path / "frames.zarr", tmp_path / "tokens.zarr", 8, 2, progress=False)
+    floor = build_token_store(
+        tmp_path / "frames.zarr", tmp_path / "tokens.zarr", 8, 2, train_sequences=3, progress=False
+    )
 
     frames = open_array(tmp_path / "frames.zarr", "frames", ndim=4, dtype=np.float32)
     np.testing.assert_allclose(frames[:], raw.reshape(5, 3, 4, 2, 4, 2).mean(axis=(3, 5)) / 255, atol=1e-6)
@@ -110,14 +108,36 @@ def test_token_store_attributes_and_quantization_floor(tmp_path: Path) -> None:
         "vocab_size": 9,
         "frame_size": 4,
         "frames": 3,
-        "dequantize": "(token + 0.5) / levels",
         "source": "generate",
+        "bin_means": floor["bin_means"],
     }
-    # The floor by hand: decoded tokens against the continuous frames, over every pixel.
-    mse = np.mean(((tokens[:].astype(np.float64) + 0.5) / 8 - frames[:]) ** 2)
-    assert floor["quantization_mse"] == pytest.approx(mse, rel=1e-6)
-    assert floor["quantization_psnr"] == pytest.approx(10 * np.log10(1 / mse), rel=1e-6)
+    # Each level's mean over the training split (the first 3 sequences) by hand; bin centres where empty.
+    train_tokens, train_frames = tokens[:3].astype(np.int64), frames[:3].astype(np.float64)
+    for level in range(8):
+        inside = train_frames[train_tokens == level]
+        expected = inside.mean() if inside.size else (level + 0.5) / 8
+        assert floor["bin_means"][level] == pytest.approx(expected, rel=1e-9), level
+    # The floor by hand under both decodings: decoded tokens against the continuous frames, every pixel.
+    for rule, values in (("mean", np.array(floor["bin_means"])), ("centre", (np.arange(8) + 0.5) / 8)):
+        mse = np.mean((values[tokens[:]] - frames[:]) ** 2)
+        assert floor["quantization"][rule]["mse"] == pytest.approx(mse, rel=1e-6), rule
+        assert floor["quantization"][rule]["psnr"] == pytest.approx(10 * np.log10(1 / mse), rel=1e-6)
+    assert floor["quantization"]["mean"]["mse"] < floor["quantization"]["centre"]["mse"]
     assert floor["levels"] == 8 and floor["frame_size"] == 4 and floor["sequences"] == 5
+    vocabulary = Vocabulary.from_store(tmp_path / "tokens.zarr")
+    assert vocabulary.intensities == tuple(floor["bin_means"]) and vocabulary.mask_id == 8
+    np.testing.assert_allclose(vocabulary.decode(tokens[:]), np.array(floor["bin_means"])[tokens[:]])
+    assert Vocabulary.from_store(tmp_path / "tokens.zarr", "centre") == Vocabulary.uniform(8, 4, 3)
+
+
+def test_a_store_without_bin_means_asks_for_a_rerun_or_the_centre_rule(tmp_path: Path) -> None:
+    with create_store(tmp_path / "old.zarr", token_attributes(16, 8, 3, "generate")) as group:
+        write_sequences(group, "tokens", np.zeros((2, 3, 8, 8), dtype=np.uint8), sequences_per_shard=2)
+    with pytest.raises(
+        StoreError, match="no 'bin_means' attribute.*dvc repro quantize.*tokens.decode=centre"
+    ):
+        Vocabulary.from_store(tmp_path / "old.zarr")
+    assert Vocabulary.from_store(tmp_path / "old.zarr", "centre").decode_rule == "centre"
 
 
 def frames_attributes(path: Path) -> dict:
@@ -127,7 +147,10 @@ def frames_attributes(path: Path) -> dict:
 def test_stages_write_their_outputs_and_fail_in_one_line(tmp_path: Path) -> None:
     write_raw(tmp_path / "raw.zarr", np.full((4, 2, 8, 8), 128, dtype=np.uint8))
     params = tmp_path / "params.yaml"
-    params.write_text("data: {sequences_per_shard: 2}\ntokens: {frame_size: 4, levels: 16}\n")
+    params.write_text(
+        "data: {sequences_per_shard: 2, train_sequences: 3, val_sequences: 1}\n"
+        "tokens: {frame_size: 4, levels: 16}\n"
+    )
     run = [sys.executable, str(ROOT / "stages/downsample.py"), "--params", str(params), "--no-progress"]
     done = subprocess.run(
         [*run, "--raw", str(tmp_path / "raw.zarr"), "--output", str(tmp_path / "frames.zarr")],
@@ -158,7 +181,8 @@ def test_stages_write_their_outputs_and_fail_in_one_line(tmp_path: Path) -> None
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "quantize.json").read_text())["quantization_mse"] > 0
+    floor = json.loads((tmp_path / "quantize.json").read_text())["quantization"]
+    assert floor["centre"]["mse"] > 0 and floor["mean"]["mse"] < floor["centre"]["mse"]
 
     failed = subprocess.run(
         [*run, "--raw", str(tmp_path / "absent.zarr"), "--output", str(tmp_path / "out.zarr")],

@@ -139,6 +139,7 @@ def _build_actions_store(
             "threshold": config.threshold,
             "min_area": config.min_area,
             "size": config.tracking_size,
+            "digits": digits,
         },
     }
     errors, mismatched = [], 0

@@ -1,55 +1,57 @@
-"""Scoring a checkpoint on the validation split: future prediction against the continuous frames and the
-trivial baselines, action following and its counterfactual, and pictures of predictions and generations.
+"""Scoring a checkpoint on the validation split: the model's point prediction, its sampled futures and the
+best of them against the continuous frames and the trivial baselines, action following and its
+counterfactual, and pictures of predictions and generations.
 
-`evaluate` is the one entry point; it rebuilds the model from the checkpoint alone and is deterministic:
-the same checkpoint, stores and configs give the same metrics, exactly.
+`evaluate` is the one entry point; it rebuilds the model from the checkpoint alone, reads the data split and
+past frames from the checkpoint's params and the tracker's settings from the action store, and is
+deterministic: the same checkpoint, stores and configs give the same metrics, exactly.
 """
 
 from __future__ import annotations
 
-import csv
-import warnings
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
 
-from mnist_world import metrics as pixel
 from mnist_world import pictures
+from mnist_world.action_following import Tracker, follow_actions, mirror, summarize_following
 from mnist_world.checkpoint import CheckpointError, load_model
-from mnist_world.config import ActionsConfig, DataConfig, EvalConfig, SampleConfig
-from mnist_world.dataset import TokenSpec, split_range
+from mnist_world.config import EvalConfig, SampleConfig
+from mnist_world.dataset import split_range
+from mnist_world.metrics import baselines, frame_metrics, frame_table, overall, per_horizon
 from mnist_world.model import WorldModel
-from mnist_world.sampling import generate, new_generator, predict_future, warn_if_unguided
-from mnist_world.store import StoreError, atomic_path, attribute, open_array, write_json
-from mnist_world.tokens import dequantize
+from mnist_world.randomness import derived_seed
+from mnist_world.sampling import generate, new_generator, point_prediction, predict_future, warn_if_unguided
+from mnist_world.store import StoreError, atomic_path, open_array, open_store, write_json
+from mnist_world.tokens import Vocabulary
 
-METHODS = ("model", "copy_last", "quantization", "blank")
-CSV_METRICS = ("mse", "ssim", "psnr", "mse_sum")
+MODEL_METHODS = ("point", "sampled", "best_of_n")  # best_of_n only with eval.samples > 1
+BASELINES = ("copy_last", "blank", "quantization")
 SCALE = 4  # picture enlargement: 32x32 frames become 128x128
-
-
-def batch_seed(seed: int, first: int, stream: int = 0) -> int:
-    """A well-mixed seed per batch, named by the sample seed, the batch's first sequence and a stream
-    (0: future prediction, 1: unconditional generation)."""
-    return int(np.random.SeedSequence([seed, first, stream]).generate_state(1)[0])
+PREDICTION, GENERATION = 0, 1  # random streams of the sampler
 
 
 class Stores:
     """The three validation inputs, checked against each other and against the model."""
 
-    def __init__(self, tokens_path: Path, frames_path: Path, actions_path: Path, model: WorldModel) -> None:
+    def __init__(
+        self, tokens_path: Path, frames_path: Path, actions_path: Path, model: WorldModel, decode: str
+    ) -> None:
         self.tokens = open_array(tokens_path, "tokens", ndim=4, dtype=np.uint8)
         self.frames = open_array(frames_path, "frames", ndim=4, dtype=np.float32)
         self.actions = open_array(actions_path, "actions", ndim=3, dtype=np.float32)
-        arch, spec = model.arch, TokenSpec.from_store(tokens_path)
-        stored = (spec.levels, spec.frame_size, self.tokens.shape[2])
-        if stored != (arch.levels, arch.frame_size, arch.frame_size):
+        self.vocabulary = Vocabulary.from_store(tokens_path, decode)
+        arch, vocabulary = model.arch, self.vocabulary
+        if (vocabulary.levels, vocabulary.frame_size) != (arch.levels, arch.frame_size):
+            size = vocabulary.frame_size
             raise StoreError(
-                f"{tokens_path}: {spec.levels} levels of {spec.frame_size}x{spec.frame_size} tokens, "
-                f"but the checkpoint's model has {arch.levels} levels of {arch.frame_size}x{arch.frame_size}"
+                f"{tokens_path}: {vocabulary.levels} levels of {size}x{size} tokens, but the checkpoint's "
+                f"model has {arch.levels} levels of {arch.frame_size}x{arch.frame_size}"
             )
         if self.tokens.shape[1] > arch.frames:
             raise StoreError(f"{tokens_path}: {self.tokens.shape[1]} frames, the model takes {arch.frames}")
@@ -61,7 +63,51 @@ class Stores:
             raise StoreError(
                 f"{actions_path}: actions {self.actions.shape} do not match tokens {self.tokens.shape}"
             )
-        self.canvas = int(attribute(frames_path, "canvas"))  # the raw resolution the digits were drawn at
+        attributes = dict(open_store(actions_path).attrs)
+        try:
+            self.tracker = Tracker.from_attributes(attributes)
+        except (KeyError, TypeError, ValueError):
+            raise StoreError(
+                f"{actions_path}: no tracker settings (tracking.threshold, min_area, digits; canvas) in its "
+                f"attributes: re-run `dvc repro actions`"
+            ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What the checkpoint says about how to evaluate it: past frames and the validation split."""
+
+    past: int
+    first: int  # the first validation sequence
+    count: int  # validation sequences scored
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: Path, payload: dict[str, Any], total: int, frames: int, evaluation: EvalConfig
+    ) -> Run:
+        params = payload.get("params", {})
+        train, data = params.get("train", {}), params.get("data", {})
+        missing = [
+            key
+            for key, section in (("train.past_frames", train), ("data.train_sequences", data))
+            if key.split(".")[1] not in section
+        ]
+        if missing:
+            raise CheckpointError(f"{checkpoint}: the checkpoint's params lack {', '.join(missing)}")
+        past = int(train["past_frames"])
+        if not 0 < past < frames:
+            raise CheckpointError(
+                f"{checkpoint}: train.past_frames={past} leaves no future in {frames} frames"
+            )
+        validation = split_range(
+            "val", int(data["train_sequences"]), int(data.get("val_sequences", 0)), total
+        )
+        if evaluation.sequences > len(validation):
+            raise ValueError(
+                f"eval.sequences={evaluation.sequences} exceeds the {len(validation)} validation sequences "
+                f"the checkpoint was trained beside"
+            )
+        return cls(past=past, first=validation.start, count=evaluation.sequences)
 
 
 def evaluate(
@@ -71,202 +117,156 @@ def evaluate(
     actions_path: str | Path,
     sample: SampleConfig,
     evaluation: EvalConfig,
-    data: DataConfig,
     output: str | Path,
+    decode: str = "mean",
     device: str | torch.device = "cpu",
-    tracking: ActionsConfig | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score `checkpoint` on the first `evaluation.sequences` validation sequences and write `output`/:
     metrics.json, per_horizon.csv, future_pred/ and generation/ (PNG strips and GIFs). Returns the metrics.
 
-    The validation split is sequences [train_sequences, train_sequences + val_sequences) of the stores; the
-    number of past frames is the checkpoint's `train.past_frames`. `tracking` holds the tracker's ink
-    threshold and minimum component area (the `actions` params section; its defaults when None).
+    Tokens become pixels by `decode` (`mean`: each level's mean intensity over the training split, `centre`:
+    bin centres). The validation split and the number of past frames are the checkpoint's.
     """
-    tracking = tracking or ActionsConfig()
-    device = torch.device(device)
+    checkpoint, device = Path(checkpoint), torch.device(device)
     model, payload = load_model(checkpoint, device)
-    train = payload.get("params", {}).get("train", {})
-    if "past_frames" not in train:
-        raise CheckpointError(f"{checkpoint}: the checkpoint's params lack train.past_frames")
-    past = int(train["past_frames"])
-    warn_if_unguided(sample.guidance, train.get("objectives"))
-    trained_on = payload.get("params", {}).get("data", {})
-    split = {"train_sequences": data.train_sequences, "val_sequences": data.val_sequences}
-    if trained_on and any(trained_on.get(key, value) != value for key, value in split.items()):
-        # Not an error (a deliberate cross-check is legitimate), but validation may overlap training.
-        message = f"{checkpoint}: trained with data split {trained_on}, evaluated with {split}"
-        warnings.warn(message, stacklevel=2)
-    stores = Stores(Path(tokens_path), Path(frames_path), Path(actions_path), model)
-    total, frames = stores.tokens.shape[:2]
-    if not 0 < past < frames:
-        raise CheckpointError(f"{checkpoint}: train.past_frames={past} leaves no future in {frames} frames")
-    validation = split_range("val", data.train_sequences, data.val_sequences, total)
-    if evaluation.sequences > len(validation):
-        raise ValueError(
-            f"eval.sequences={evaluation.sequences} exceeds the {len(validation)} validation sequences"
-        )
-    first_sequence = validation.start
+    warn_if_unguided(sample.guidance, payload.get("params", {}).get("train", {}).get("objectives"))
+    stores = Stores(Path(tokens_path), Path(frames_path), Path(actions_path), model, decode)
+    run = Run.from_checkpoint(checkpoint, payload, *stores.tokens.shape[:2], evaluation)
 
-    per_frame: dict[str, dict[str, list[np.ndarray]]] = {method: {} for method in METHODS}
-    following: dict[str, list[np.ndarray]] = {}
-    drawn: list[dict[str, np.ndarray]] = []
-    tracker = dict(
-        threshold=tracking.threshold, min_area=tracking.min_area, digits=data.digits, canvas=stores.canvas
-    )
-    starts = range(0, evaluation.sequences, evaluation.batch_size)
+    tables, following, drawn = [], {}, []
+    starts = range(0, run.count, evaluation.batch_size)
     for start in tqdm(starts, desc="evaluate", unit="batch", disable=not progress):
-        rows = slice(
-            first_sequence + start, first_sequence + min(start + evaluation.batch_size, evaluation.sequences)
-        )
-        tokens = stores.tokens[rows]  # (B, T, H, W) uint8
-        truth = stores.frames[rows]  # (B, T, H, W) float32 in [0, 1]
-        commanded = stores.actions[rows]  # (B, T, 2)
-
-        # Factual and counterfactual runs share their random draws, so only the actions differ.
-        seed = batch_seed(sample.seed, first_sequence + start)
-        predicted = _predict(model, tokens[:, :past], commanded, sample, seed, device)
-        counterfactual = _predict(
-            model, tokens[:, :past], pixel.mirror(commanded, past), sample, seed, device
-        )
-        target = truth[:, past:]
-        answers = {
-            "model": predicted,
-            **pixel.baselines(truth[:, :past], tokens[:, past:], model.arch.levels),
-        }
-        for method, answer in answers.items():
-            for name, values in pixel.frame_metrics(answer, target).items():
-                per_frame[method].setdefault(name, []).append(values)
-
-        moves = _follow_actions(
-            truth, predicted, counterfactual, commanded, past, tracker, model.arch.frame_size
+        first = run.first + start
+        rows = slice(first, run.first + min(start + evaluation.batch_size, run.count))
+        tokens, truth, commanded = stores.tokens[rows], stores.frames[rows], stores.actions[rows]
+        futures = predict(model, tokens[:, : run.past], commanded, sample, evaluation.samples, first, stores)
+        answers = score_answers(futures, truth, tokens, run.past, stores.vocabulary)
+        tables.append(frame_table({name: scores for name, (_, scores) in answers.items()}, first))
+        moves = follow_actions(
+            truth, futures.samples[0], futures.mirrored, commanded, run.past, stores.tracker
         )
         for name, values in moves.items():
             following.setdefault(name, []).append(values)
-
         for index in range(max(0, min(evaluation.strips - start, len(tokens)))):
-            drawn.append(
-                {
-                    "truth": truth[index],
-                    "model": np.concatenate([truth[index, :past], predicted[index]]),
-                    "mirrored": np.concatenate([truth[index, :past], counterfactual[index]]),
-                    "copy_last": np.concatenate([truth[index, :past], answers["copy_last"][index]]),
-                }
-            )
+            drawn.append({name: frames[index] for name, (frames, _) in answers.items()} | {
+                "truth": truth[index], "mirrored": futures.mirrored[index]
+            })  # fmt: skip
 
-    scores = {
-        method: {name: np.concatenate(v) for name, v in values.items()}
-        for method, values in per_frame.items()
-    }
-    overall, horizons = pixel.summarize(scores)
-    result: dict[str, Any] = {
-        "sequences": evaluation.sequences,
-        "past_frames": past,
-        "future_frames": frames - past,
-        **{method: overall[method] for method in METHODS},
-        "model_vs_copy_last": pixel.versus(overall["model"], overall["copy_last"]),
-        "model_vs_blank": pixel.versus(overall["model"], overall["blank"]),
-        **_action_summary({name: np.concatenate(values) for name, values in following.items()}),
-    }
+    table = pd.concat(tables, ignore_index=True)  # one row per (method, sequence, horizon)
+    result = summarize(table, run, evaluation, decode)
+    result.update(summarize_following({name: np.concatenate(values) for name, values in following.items()}))
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    _write_horizons(output / "per_horizon.csv", horizons)
-    _draw_predictions(output / "future_pred", drawn, past, first_sequence)
-    _draw_generations(output / "generation", model, stores, sample, evaluation, first_sequence, device)
+    with atomic_path(output / "per_horizon.csv") as temporary:
+        per_horizon(table).to_csv(temporary, index=False, float_format="%.6g")
+    _draw_predictions(output / "future_pred", drawn, run.past, run.first)
+    _draw_generations(output / "generation", model, stores, sample, evaluation, run.first, device)
     write_json(output / "metrics.json", result)
     return result
 
 
-def _predict(
+# --- Prediction ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Futures:
+    """One batch's predicted futures as pixels in [0, 1]: the point prediction (B, F, H, W), the sampled
+    futures (S, B, F, H, W) under the true actions, and the first sample's twin under mirrored actions."""
+
+    point: np.ndarray
+    samples: np.ndarray
+    mirrored: np.ndarray
+
+
+def predict(
     model: WorldModel,
     past: np.ndarray,
     actions: np.ndarray,
     sample: SampleConfig,
-    seed: int,
-    device: torch.device,
-) -> np.ndarray:
-    """Decoded future frames (B, F, H, W) in [0, 1] after past tokens (B, P, H, W) under actions (B, T, 2)."""
-    future = predict_future(
-        model,
-        torch.from_numpy(past.astype(np.int64)).to(device),
-        torch.from_numpy(np.ascontiguousarray(actions)).to(device),
-        sample,
-        mask_id=model.arch.mask_id,
-        generator=new_generator(seed, device),
+    samples: int,
+    first: int,
+    stores: Stores,
+) -> Futures:
+    """The futures of past tokens (B, P, H, W) under actions (B, T, 2) of the batch starting at sequence
+    `first`. Sample i draws from its own seed (sample.seed, first, i); the mirrored run shares sample 0's
+    draws, so only the actions differ between them."""
+    device = next(model.parameters()).device
+    past_ids = torch.from_numpy(past.astype(np.int64)).to(device)
+    intensities = torch.tensor(stores.vocabulary.intensities, device=device)
+
+    def sampled(command: np.ndarray, index: int) -> np.ndarray:
+        generator = new_generator(derived_seed(sample.seed, first, PREDICTION, index), device)
+        command_tensor = torch.from_numpy(np.ascontiguousarray(command)).to(device)
+        future = predict_future(
+            model, past_ids, command_tensor, sample, mask_id=model.arch.mask_id, generator=generator
+        )
+        return stores.vocabulary.decode(future.cpu().numpy())
+
+    command = torch.from_numpy(np.ascontiguousarray(actions)).to(device)
+    point = point_prediction(model, past_ids, command, intensities, model.arch.mask_id).cpu().numpy()
+    return Futures(
+        point=point,
+        samples=np.stack([sampled(actions, index) for index in range(samples)]),
+        mirrored=sampled(mirror(actions, past.shape[1]), 0),
     )
-    return dequantize(future.cpu().numpy(), model.arch.levels)
 
 
-def _follow_actions(
-    truth: np.ndarray,
-    predicted: np.ndarray,
-    counterfactual: np.ndarray,
-    commanded: np.ndarray,
-    past: int,
-    tracker: dict[str, Any],
-    frame_size: int,
-) -> dict[str, np.ndarray]:
-    """Per-sequence action following of a batch (see `metrics`): {"<run>.<score>": (B,)} for the runs
-    model (true actions), counterfactual (mirrored actions) and ground_truth (the true future frames).
+# --- Scoring ---------------------------------------------------------------------------------------------
 
-    truth (B, T, H, W) frames; predicted, counterfactual (B, F, H, W); commanded (B, T, 2) actions.
-    """
-    runs = {
-        "model": (predicted, commanded),
-        "counterfactual": (counterfactual, pixel.mirror(commanded, past)),
-        "ground_truth": (truth[:, past:], commanded),
+
+def score_answers(
+    futures: Futures, truth: np.ndarray, tokens: np.ndarray, past: int, vocabulary: Vocabulary
+) -> dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """{method: (future frames (B, F, H, W), per-frame metrics {metric: (B, F)})} for the model's point
+    prediction, its first sample, the best of its samples (the one closest to the truth in MSE over the whole
+    future, per sequence; with more than one sample) and the baselines."""
+    target = truth[:, past:]
+    sampled = [frame_metrics(frames, target) for frames in futures.samples]
+    answers = {
+        "point": (futures.point, frame_metrics(futures.point, target)),
+        "sampled": (futures.samples[0], sampled[0]),
     }
-    scores, moved = {}, {}
-    for run, (future, command) in runs.items():
-        sequence = np.concatenate([truth[:, :past], future], axis=1)  # the past is given in every run
-        displacement, tracked = pixel.ego_displacements(sequence, **tracker)
-        moved[run] = displacement[:, past - 1 :]  # (B, F, 2): into each future frame
-        following = pixel.action_following(moved[run], command[:, past:], frame_size)
-        scores.update({f"{run}.{name}": values for name, values in following.items()})
-        scores[f"{run}.tracked"] = tracked
-    # Still: a digit that does not move, the action-blind answer.
-    still = np.zeros_like(moved["model"])
-    scores["still.error_px"] = pixel.action_following(still, commanded[:, past:], frame_size)["error_px"]
-    scores["counterfactual.cosine_to_factual"] = pixel.trajectory_cosine(
-        moved["counterfactual"], moved["model"]
-    )
-    return scores
+    if len(futures.samples) > 1:
+        errors = np.stack([scores["mse"].mean(axis=1) for scores in sampled])  # (S, B)
+        best = errors.argmin(axis=0)  # (B,)
+        rows = np.arange(len(best))
+        answers["best_of_n"] = (
+            futures.samples[best, rows],
+            {name: np.stack([s[name] for s in sampled])[best, rows] for name in sampled[0]},
+        )
+    for name, frames in baselines(truth[:, :past], tokens[:, past:], vocabulary.decode).items():
+        answers[name] = (frames, frame_metrics(frames, target))
+    return answers
 
 
-def _action_summary(values: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """Means over the sequences the tracker could follow, per run, plus the share it could follow."""
-
-    def run(name: str) -> dict[str, float]:
-        tracked = values[f"{name}.tracked"]
-        if not tracked.any():
-            return {"tracked": 0.0}
-        return {
-            "error_px": float(values[f"{name}.error_px"][tracked].mean()),
-            "cosine": float(values[f"{name}.cosine"][tracked].mean()),
-            "follows": float(values[f"{name}.follows"][tracked].mean()),
-            "tracked": float(tracked.mean()),
-        }
-
-    factual, counterfactual, truth = run("model"), run("counterfactual"), run("ground_truth")
-    both = values["model.tracked"] & values["counterfactual.tracked"]
-    if both.any():
-        counterfactual["cosine_to_factual"] = float(values["counterfactual.cosine_to_factual"][both].mean())
-    # The tracker's own floor: the same measurement on the true future frames.
-    factual["ground_truth_error_px"] = truth.get("error_px")
-    factual["ground_truth_cosine"] = truth.get("cosine")
-    factual["still_error_px"] = float(values["still.error_px"].mean())
-    return {"action_following": factual, "counterfactual": counterfactual}
+def summarize(table: pd.DataFrame, run: Run, evaluation: EvalConfig, decode: str) -> dict[str, Any]:
+    """metrics.json's pixel part: each method's means, and for the model's answers their MSE as a ratio to
+    the blank frame's and the copy-last frame's (< 1: better)."""
+    means = overall(table)
+    result: dict[str, Any] = {
+        "sequences": run.count,
+        "past_frames": run.past,
+        "samples": evaluation.samples,
+        "decode": decode,
+    }
+    for method, scores in means.items():
+        if method in MODEL_METHODS:
+            scores = {
+                **scores,
+                "mse_vs_blank": _ratio(scores["mse"], means["blank"]["mse"]),
+                "mse_vs_copy_last": _ratio(scores["mse"], means["copy_last"]["mse"]),
+            }
+        result[method] = scores
+    return result
 
 
-def _write_horizons(path: Path, rows: list[dict[str, float]]) -> None:
-    columns = ["horizon"] + [f"{method}_{name}" for name in CSV_METRICS for method in METHODS]
-    with atomic_path(path) as temporary, temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: row[key] if key == "horizon" else f"{row[key]:.6g}" for key in columns})
+def _ratio(value: float, reference: float) -> float:
+    return value / reference if reference > 0 else float("inf")
+
+
+# --- Pictures --------------------------------------------------------------------------------------------
 
 
 def _draw_predictions(folder: Path, drawn: list[dict[str, np.ndarray]], past: int, first: int) -> None:
@@ -274,18 +274,20 @@ def _draw_predictions(folder: Path, drawn: list[dict[str, np.ndarray]], past: in
         temporary.mkdir()
         for index, rows in enumerate(drawn):
             name = f"sequence_{first + index:05d}"
+
+            def whole(future: np.ndarray, rows: dict[str, np.ndarray] = rows) -> np.ndarray:
+                return np.concatenate([rows["truth"][:past], future])
+
             labelled = [
                 ("truth", rows["truth"]),
-                ("model", rows["model"]),
-                ("model, mirrored", rows["mirrored"]),
-                ("copy last", rows["copy_last"]),
+                ("point", whole(rows["point"])),
+                ("sampled", whole(rows["sampled"])),
+                *([("best of N", whole(rows["best_of_n"]))] if "best_of_n" in rows else []),
+                ("sampled, mirrored", whole(rows["mirrored"])),
+                ("copy last", whole(rows["copy_last"])),
             ]
             pictures.save_png(pictures.strip(labelled, past, SCALE), temporary / f"{name}.png")
-            panels = [
-                ("truth", rows["truth"]),
-                ("model", rows["model"]),
-                ("mirrored actions", rows["mirrored"]),
-            ]
+            panels = [labelled[0], labelled[1], labelled[2], ("mirrored actions", whole(rows["mirrored"]))]
             pictures.save_gif(pictures.animation(panels, past, SCALE), temporary / f"{name}.gif")
 
 
@@ -305,7 +307,7 @@ def _draw_generations(
         for start in range(0, evaluation.generations, evaluation.batch_size):
             stop = min(start + evaluation.batch_size, evaluation.generations)
             actions = torch.from_numpy(stores.actions[first + start : first + stop]).to(device)
-            generator = new_generator(batch_seed(sample.seed, first + start, stream=1), device)
+            generator = new_generator(derived_seed(sample.seed, first + start, GENERATION), device)
             tokens = generate(
                 model,
                 actions,
@@ -314,7 +316,7 @@ def _draw_generations(
                 mask_id=model.arch.mask_id,
                 generator=generator,
             )
-            frames = dequantize(tokens.cpu().numpy(), model.arch.levels)  # (B, T, H, W)
+            frames = stores.vocabulary.decode(tokens.cpu().numpy())  # (B, T, H, W)
             for offset, sequence in enumerate(frames):
                 name = f"generation_{start + offset:03d}"
                 pictures.save_png(

@@ -1,4 +1,4 @@
-"""Training objectives as token masks and temporal attention masks.
+"""Training objectives: which tokens are hidden, how frames attend, and the loss on what was hidden.
 
 Temporal masks are boolean (T_query, T_key) matrices, True where a frame may attend to another; the model
 takes them as given. Token masks are boolean (B, T, H, W), True where the input token is hidden.
@@ -10,6 +10,8 @@ import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 from mnist_world.config import OBJECTIVES, TrainConfig
@@ -114,3 +116,27 @@ def choose_objectives(config: TrainConfig, count: int, generator: torch.Generato
     weights = torch.tensor([config.objectives[name] for name in names], dtype=torch.float64)
     picks = torch.multinomial(weights, count, replacement=True, generator=generator)
     return [names[i] for i in picks.tolist()]
+
+
+# --- The loss --------------------------------------------------------------------------------------------
+
+
+def masked_cross_entropy(
+    logits: Tensor, targets: Tensor, loss_mask: Tensor, label_smoothing: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Mean cross-entropy over the positions of `loss_mask`, the correct argmax count there, and the count.
+
+    logits (B, T, H, W, V), targets (B, T, H, W) ids, loss_mask (B, T, H, W) bool. Weighting every position
+    instead of indexing the masked ones keeps shapes static: no host-device sync on a GPU.
+    """
+    per_token = F.cross_entropy(
+        rearrange(logits.float(), "b t h w v -> (b t h w) v"),
+        targets.reshape(-1),
+        reduction="none",
+        label_smoothing=label_smoothing,
+    )
+    weights = loss_mask.reshape(-1).to(per_token.dtype)
+    count = weights.sum()
+    loss = (per_token * weights).sum() / count.clamp(min=1)
+    correct = ((logits.argmax(dim=-1) == targets) & loss_mask).sum()
+    return loss, correct, count

@@ -2,7 +2,9 @@
 
 It knows nothing about masking schedules or objectives: callers pass masked token ids and a temporal
 attention mask. A frame cache lets a caller encode frames once (under a causal mask) and decode later frames
-against them, which is what the sampler does with the past frames.
+against them, which is what the sampler does with the past frames. With `patch_size` p > 1 each p x p block
+of tokens is one transformer position (as ViT/DiT patchify images); callers still see one logit vector per
+token.
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ class Architecture:
     heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.1
+    patch_size: int = 1
     action_dim: int = 2
+
+    def __post_init__(self) -> None:
+        if self.frame_size % self.patch_size:
+            raise ValueError(
+                f"model.patch_size={self.patch_size} does not divide the {self.frame_size}x{self.frame_size} "
+                f"token frames"
+            )
 
     @classmethod
     def from_config(cls, model: ModelConfig, levels: int, frame_size: int, frames: int) -> Architecture:
@@ -45,8 +55,9 @@ class Architecture:
         return self.levels + 1  # the levels plus the mask token
 
     @property
-    def tokens_per_frame(self) -> int:
-        return self.frame_size * self.frame_size
+    def positions_per_frame(self) -> int:
+        """Transformer positions per frame: one per p x p block of tokens."""
+        return (self.frame_size // self.patch_size) ** 2
 
 
 # Keys and values of the temporal attention for the frames encoded so far, one pair per layer,
@@ -131,15 +142,19 @@ class WorldModel(nn.Module):
     def __init__(self, arch: Architecture) -> None:
         super().__init__()
         self.arch = arch
-        dim = arch.embed_dim
-        self.token_embedding = nn.Embedding(arch.vocab_size, dim)
+        dim, cells = arch.embed_dim, arch.patch_size**2
+        # One embedding per (cell of the patch, token id): a patch's embedding is the sum over its cells,
+        # a linear map of the one-hot patch like ViT's patch projection. At p = 1 it is the plain embedding.
+        # EmbeddingBag sums without materialising the p * p embeddings of every position.
+        self.token_embedding = nn.EmbeddingBag(cells * arch.vocab_size, dim, mode="sum")
+        self.register_buffer("cell_offset", torch.arange(cells) * arch.vocab_size, persistent=False)
         self.action_projection = nn.Linear(arch.action_dim, dim)
-        self.spatial_position = nn.Parameter(torch.zeros(arch.tokens_per_frame, dim))
+        self.spatial_position = nn.Parameter(torch.zeros(arch.positions_per_frame, dim))
         self.temporal_position = nn.Parameter(torch.zeros(arch.frames, dim))
         self.embedding_dropout = nn.Dropout(arch.dropout)
         self.blocks = nn.ModuleList(SpatioTemporalBlock(arch) for _ in range(arch.layers))
         self.final_norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, arch.levels)  # the mask token is never a prediction
+        self.head = nn.Linear(dim, cells * arch.levels)  # the mask token is never a prediction
         self.apply(self._init_weights)
         nn.init.normal_(self.spatial_position, std=0.02)
         nn.init.normal_(self.temporal_position, std=0.02)
@@ -149,7 +164,7 @@ class WorldModel(nn.Module):
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
+        elif isinstance(module, nn.Embedding | nn.EmbeddingBag):
             nn.init.normal_(module.weight, std=0.02)
 
     def num_parameters(self) -> int:
@@ -176,7 +191,10 @@ class WorldModel(nn.Module):
         if start + frames > self.arch.frames:
             raise ValueError(f"frames {start}..{start + frames - 1} exceed the model's {self.arch.frames}")
 
-        x = rearrange(self.token_embedding(tokens), "b t h w d -> b t (h w) d")
+        p = self.arch.patch_size
+        cells = rearrange(tokens, "b t (h p1) (w p2) -> b t (h w) (p1 p2)", p1=p, p2=p)
+        bags = rearrange(cells + self.cell_offset, "b t n c -> (b t n) c")
+        x = rearrange(self.token_embedding(bags), "(b t n) d -> b t n d", b=batch, t=frames)  # N: positions
         x = x + self.spatial_position  # (N, D) broadcast over batch and time
         x = x + self.temporal_position[start : start + frames, None, :]  # (T, 1, D)
         x = x + self.action_projection(actions)[:, :, None, :]  # (B, T, 1, D)
@@ -188,8 +206,9 @@ class WorldModel(nn.Module):
             x, keys_values = block(x, temporal_mask, prefix)
             new_cache.append(keys_values)
 
-        logits = self.head(self.final_norm(x))  # (B, T, N, levels)
-        return rearrange(logits, "b t (h w) v -> b t h w v", h=height), new_cache
+        logits = self.head(self.final_norm(x))  # (B, T, N, p * p * levels)
+        logits = rearrange(logits, "b t (h w) (p1 p2 v) -> b t (h p1) (w p2) v", h=height // p, p1=p, p2=p)
+        return logits, new_cache
 
 
 def build_model(arch: Architecture | dict[str, Any]) -> WorldModel:

@@ -248,6 +248,27 @@ def predict_future(
 
 
 @torch.no_grad()
+def point_prediction(
+    model: Model, past: Tensor, actions: Tensor, intensities: Tensor, mask_id: int
+) -> Tensor:
+    """The model's expected pixel value of every future token (B, T - P, H, W), in one pass.
+
+    Every future token is hidden and the model's distribution p(level) at each is turned into
+    sum_k p(k) * intensities[k]: the mean of the model's belief, which minimises the expected squared error
+    under that belief (the point prediction deterministic predictors are scored on). past (B, P, H, W) ids,
+    actions (B, T, 2), intensities (levels,) the pixel value of each level.
+    """
+    batch, frames = actions.shape[:2]
+    future = torch.full(
+        (batch, frames - past.shape[1], *past.shape[2:]), mask_id, dtype=torch.long, device=past.device
+    )
+    tokens = torch.cat([past.long(), future], dim=1)  # (B, T, H, W)
+    logits, _ = model(tokens, actions.float(), causal_mask(frames, device=past.device))
+    probabilities = logits[:, past.shape[1] :].float().softmax(dim=-1)  # (B, F, H, W, levels)
+    return probabilities @ intensities.to(probabilities)
+
+
+@torch.no_grad()
 def generate(
     model: Model,
     actions: Tensor,

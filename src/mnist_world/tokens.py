@@ -1,19 +1,18 @@
-"""Raw frames to model tokens: downsampling to the token resolution, uniform quantization and its inverse.
-
-Two stores come out of here: `frames.zarr` (continuous downsampled frames in [0, 1], what metrics compare
-against) and `tokens.zarr` (uint8 token ids whose attributes say how to decode them).
+"""Frames to model tokens: uniform quantization, the vocabulary that says what tokens mean (levels, mask id,
+the pixel value each level decodes to), and `tokens.zarr` (uint8 token ids whose attributes carry that
+vocabulary) with its quantization floor.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from mnist_world.config import TokensConfig
+from mnist_world.metrics import psnr_from_mse
 from mnist_world.store import (
     StoreError,
     attribute,
@@ -24,75 +23,7 @@ from mnist_world.store import (
     write_blocks,
 )
 
-DOWNSAMPLE_METHODS = ("area", "bilinear")
-DEQUANTIZE_RULE = "(token + 0.5) / levels"
-
-
-# --- Downsampling ------------------------------------------------------------------------------------------
-
-
-def area_weights(source: int, size: int) -> np.ndarray:
-    """(size, source) float64: row i holds the share of output pixel i covered by each input pixel.
-
-    Output pixel i spans [i, i + 1) * source / size in input coordinates; its value is the mean of the
-    input over that span, so the weights are the overlap lengths divided by the span. Rows sum to 1.
-    """
-    edges = np.arange(size + 1) * (source / size)  # output pixel edges in input coordinates
-    left = np.arange(source)[None, :]  # input pixel j spans [j, j + 1)
-    overlap = np.minimum(edges[1:, None], left + 1) - np.maximum(edges[:-1, None], left)
-    return np.clip(overlap, 0.0, None) / (source / size)
-
-
-def bilinear_weights(source: int, size: int) -> np.ndarray:
-    """(size, source) float64: linear interpolation at pixel centres, as skimage `resize(order=1)`.
-
-    Output pixel i samples input coordinate (i + 0.5) * source / size - 0.5 (centres aligned, scikit-image's
-    `grid_mode`); coordinates beyond the first or last centre take the edge pixel (`mode="edge"`).
-    """
-    coordinate = np.clip((np.arange(size) + 0.5) * (source / size) - 0.5, 0, source - 1)
-    low = np.floor(coordinate).astype(np.int64)
-    high = np.minimum(low + 1, source - 1)
-    fraction = coordinate - low
-    weights = np.zeros((size, source))
-    np.add.at(weights, (np.arange(size), low), 1 - fraction)
-    np.add.at(weights, (np.arange(size), high), fraction)
-    return weights
-
-
-def downsample(frames: np.ndarray, size: int, method: str = "area") -> np.ndarray:
-    """uint8 frames (..., S0, S0) in 0..255 -> float32 (..., size, size) in [0, 1].
-
-    `area`: the exact mean of the input over each output pixel's footprint (for an integer factor a
-    reshape-mean; otherwise fractional overlaps weight the input pixels at the footprint's edges).
-    `bilinear`: linear interpolation at pixel centres, equal to skimage `resize(order=1, mode="edge",
-    anti_aliasing=False)`: a plain bilinear resize like the original's, aliasing included.
-    Both are separable, so a non-integer factor is two small matrix products over all frames at once.
-    """
-    if method not in DOWNSAMPLE_METHODS:
-        raise ValueError(f"unknown downsample method '{method}' (known: {', '.join(DOWNSAMPLE_METHODS)})")
-    source = frames.shape[-1]
-    if frames.shape[-2] != source:
-        raise ValueError(f"expected square frames, got shape {frames.shape}")
-    lead = frames.shape[:-2]
-    if method == "area" and source % size == 0:
-        factor = source // size
-        # Exact integer block sums, rows then columns, from strided views: ten times faster than a
-        # reshape-mean, which numpy reduces through float buffers.
-        accumulator = np.uint16 if factor * factor * 255 < 2**16 else np.uint32
-        rows = frames[..., 0::factor, :].astype(accumulator)  # (..., size, S0)
-        for offset in range(1, factor):
-            rows += frames[..., offset::factor, :]
-        total = rows[..., 0::factor].copy()  # (..., size, size)
-        for offset in range(1, factor):
-            total += rows[..., offset::factor]
-        out = total.astype(np.float32)
-        out *= np.float32(1.0 / (255 * factor * factor))
-        return out
-    weights = (area_weights if method == "area" else bilinear_weights)(source, size)
-    weights = weights.astype(np.float32)
-    flat = frames.reshape(-1, source, source).astype(np.float32) * np.float32(1 / 255)  # (F, S0, S0)
-    out = weights @ flat @ weights.T  # rows then columns: (size, S0) @ (F, S0, S0) @ (S0, size)
-    return np.clip(out, 0.0, 1.0).reshape(*lead, size, size)
+DECODE_RULES = ("mean", "centre")
 
 
 # --- Quantization ------------------------------------------------------------------------------------------
@@ -109,14 +40,64 @@ def quantize(frames: np.ndarray, levels: int) -> np.ndarray:
     return scaled.astype(np.uint8)  # truncation is the floor of a non-negative value
 
 
-def dequantize(tokens: np.ndarray, levels: int) -> np.ndarray:
-    """uint8 tokens -> float32 bin centres (token + 0.5) / levels: at most half a bin from any value in it."""
-    return (np.asarray(tokens, dtype=np.float32) + np.float32(0.5)) / np.float32(levels)
+def bin_centres(levels: int) -> np.ndarray:
+    """(levels,) float64: the centre (k + 0.5) / levels of each uniform bin, the recipe's decoding."""
+    return (np.arange(levels) + 0.5) / levels
 
 
-def psnr(mse: float) -> float | None:
-    """Peak signal-to-noise ratio in dB for frames in [0, 1] (data_range 1); None (JSON null) when exact."""
-    return None if mse == 0 else 10.0 * math.log10(1.0 / mse)
+@dataclasses.dataclass(frozen=True)
+class Vocabulary:
+    """What the tokens of a store mean: their levels, the mask id, their geometry and the pixel value each
+    level decodes to. Read from the token store's attributes and passed to whatever turns tokens into pixels.
+    """
+
+    levels: int  # token ids 0..levels-1
+    frame_size: int  # tokens per side of a frame
+    frames: int  # frames per sequence
+    intensities: tuple[float, ...]  # (levels,) the pixel value in [0, 1] each level decodes to
+    decode_rule: str = "mean"
+
+    @property
+    def mask_id(self) -> int:
+        return self.levels  # the id of a hidden token, one past the levels
+
+    @property
+    def vocab_size(self) -> int:
+        return self.levels + 1
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        """uint8/int tokens (...) -> float32 pixels (...) in [0, 1]."""
+        return np.asarray(self.intensities, dtype=np.float32)[np.asarray(tokens, dtype=np.intp)]
+
+    @classmethod
+    def uniform(cls, levels: int, frame_size: int, frames: int) -> Vocabulary:
+        """Bin centres: the decoding that needs no measurement (for stores made outside the pipeline)."""
+        return cls(levels, frame_size, frames, tuple(bin_centres(levels).tolist()), "centre")
+
+    @classmethod
+    def from_store(cls, path: str | Path, decode: str = "mean") -> Vocabulary:
+        """The vocabulary of the token store at `path`, decoding by `decode` (`mean` or `centre`)."""
+        if decode not in DECODE_RULES:
+            raise ValueError(f"tokens.decode: unknown rule '{decode}' (known: {', '.join(DECODE_RULES)})")
+        levels, frame_size, frames = (
+            int(attribute(path, name)) for name in ("levels", "frame_size", "frames")
+        )
+        if int(attribute(path, "mask_id")) != levels or int(attribute(path, "vocab_size")) != levels + 1:
+            raise StoreError(
+                f"{path}: inconsistent token attributes; expected mask_id = levels = vocab_size - 1"
+            )
+        if decode == "centre":
+            return cls.uniform(levels, frame_size, frames)
+        try:
+            means = attribute(path, "bin_means")
+        except StoreError:
+            raise StoreError(
+                f"{path}: no 'bin_means' attribute (a store written before decoding from the data): "
+                f"re-run `dvc repro quantize`, or set tokens.decode=centre"
+            ) from None
+        if len(means) != levels:
+            raise StoreError(f"{path}: 'bin_means' holds {len(means)} values for {levels} levels")
+        return cls(levels, frame_size, frames, tuple(float(m) for m in means), "mean")
 
 
 # --- Stores ------------------------------------------------------------------------------------------------
@@ -126,57 +107,43 @@ def _blocks(count: int, size: int, desc: str, progress: bool) -> Any:
     return tqdm(range(0, count, size), desc=desc, unit="block", disable=not progress)
 
 
-def build_frames_store(
-    raw_path: str | Path,
-    output: str | Path,
-    config: TokensConfig,
-    sequences_per_shard: int,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Downsample the raw store's uint8 `frames` (N, T, S0, S0) to `output`'s float32 `frames` (N, T, S, S).
-
-    Works a shard of sequences at a time, so memory stays bounded whatever N. Returns the attributes written.
-    """
-    with bulk_io(sequences_per_shard):
-        return _build_frames_store(raw_path, output, config, sequences_per_shard, progress)
-
-
-def _build_frames_store(
-    raw_path: str | Path, output: str | Path, config: TokensConfig, sequences_per_shard: int, progress: bool
-) -> dict[str, Any]:
-    raw = open_array(raw_path, "frames", ndim=4, dtype=np.uint8)
-    count, length, height, width = raw.shape
-    if height != width:
-        raise StoreError(f"{raw_path}/frames: expected square frames, got {height}x{width}")
-    attributes = {
-        "frame_size": config.frame_size,
-        "method": config.downsample,
-        "canvas": height,
-        "frames": length,
-        "source": attribute(raw_path, "source"),
-        "range": [0.0, 1.0],
-    }
-    with create_store(output, attributes) as group:
-        shape = (count, length, config.frame_size, config.frame_size)
-        frames = create_sequence_array(group, "frames", shape, np.float32, sequences_per_shard)
-        step = frames.shards[0]  # whole shards per write: no read-modify-write
-        for first in _blocks(count, step, "downsample", progress):
-            block = downsample(raw[first : first + step], config.frame_size, config.downsample)
-            write_blocks(frames, [(first, block)])
-    return attributes
-
-
 def token_attributes(levels: int, frame_size: int, frames: int, source: str) -> dict[str, Any]:
-    """What a reader needs to use a token store: vocabulary, mask id, geometry and how to decode."""
+    """What a reader needs to use a token store: vocabulary, mask id, geometry and the source."""
     return {
         "levels": levels,
         "mask_id": levels,
         "vocab_size": levels + 1,
         "frame_size": frame_size,
         "frames": frames,
-        "dequantize": DEQUANTIZE_RULE,
         "source": source,
     }
+
+
+class LevelStatistics:
+    """Per token level: count, sum and sum of squares of the intensities it stands for.
+
+    Enough to give the squared error of any decoding (value v_k per level) without a second pass:
+    sum over bin k of (x - v_k)^2 = S2_k - 2 v_k S1_k + n_k v_k^2.
+    """
+
+    def __init__(self, levels: int) -> None:
+        self.count, self.total, self.squares = (np.zeros(levels) for _ in range(3))
+
+    def add(self, frames: np.ndarray, tokens: np.ndarray) -> None:
+        flat_tokens, flat_frames = tokens.reshape(-1), frames.reshape(-1).astype(np.float64)
+        levels = len(self.count)
+        self.count += np.bincount(flat_tokens, minlength=levels)
+        self.total += np.bincount(flat_tokens, weights=flat_frames, minlength=levels)
+        self.squares += np.bincount(flat_tokens, weights=flat_frames * flat_frames, minlength=levels)
+
+    def means(self, fallback: np.ndarray) -> np.ndarray:
+        """Each level's mean intensity; `fallback` for a level no pixel fell into."""
+        return np.where(self.count > 0, self.total / np.maximum(self.count, 1), fallback)
+
+    def mse(self, values: np.ndarray) -> float:
+        """Mean squared error over every counted pixel when level k decodes to values[k]."""
+        error = self.squares - 2 * values * self.total + self.count * values * values
+        return float(max(error.sum(), 0.0) / max(self.count.sum(), 1))
 
 
 def build_token_store(
@@ -184,24 +151,37 @@ def build_token_store(
     output: str | Path,
     levels: int,
     sequences_per_shard: int,
+    train_sequences: int,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Quantize the frames store into `output`'s uint8 `tokens` (N, T, S, S); return the quantization floor.
 
-    The floor is the error of the decoded tokens against the continuous frames, over every pixel of every
-    frame: the best any token-level model can score in pixel space.
+    The store's `bin_means` attribute is each level's mean intensity over the first `train_sequences`
+    sequences (the training split), what `Vocabulary.from_store(decode="mean")` decodes to. The floor is the
+    error of the decoded tokens against the continuous frames over every frame, under both decodings: the
+    best any token-level model can score in pixel space.
     """
     with bulk_io(sequences_per_shard):
-        return _build_token_store(frames_path, output, levels, sequences_per_shard, progress)
+        return _build_token_store(frames_path, output, levels, sequences_per_shard, train_sequences, progress)
 
 
 def _build_token_store(
-    frames_path: str | Path, output: str | Path, levels: int, sequences_per_shard: int, progress: bool
+    frames_path: str | Path,
+    output: str | Path,
+    levels: int,
+    sequences_per_shard: int,
+    train_sequences: int,
+    progress: bool,
 ) -> dict[str, Any]:
     frames = open_array(frames_path, "frames", ndim=4, dtype=np.float32)
     count, length, height, width = frames.shape
+    if not 0 < train_sequences <= count:
+        raise StoreError(
+            f"{frames_path}: {count} sequences, but data.train_sequences={train_sequences} "
+            f"must be in [1, {count}]"
+        )
     attributes = token_attributes(levels, height, length, attribute(frames_path, "source"))
-    squared_error = 0.0
+    everything, training = LevelStatistics(levels), LevelStatistics(levels)
     with create_store(output, attributes) as group:
         tokens = create_sequence_array(group, "tokens", frames.shape, np.uint8, sequences_per_shard)
         step = tokens.shards[0]
@@ -209,17 +189,26 @@ def _build_token_store(
             block = frames[first : first + step]
             block_tokens = quantize(block, levels)
             write_blocks(tokens, [(first, block_tokens)])
-            error = dequantize(block_tokens, levels)
-            error -= block
-            np.square(error, out=error)
-            squared_error += float(error.sum(dtype=np.float64))
-    mse = squared_error / frames.size
+            everything.add(block, block_tokens)
+            inside = max(0, min(len(block), train_sequences - first))  # rows of this block in the split
+            training.add(block[:inside], block_tokens[:inside])
+        centres = bin_centres(levels)
+        means = training.means(fallback=centres)
+        group.attrs["bin_means"] = means.tolist()
+    floors = {
+        rule: {
+            "mse": (mse := everything.mse(values)),
+            "psnr": float(psnr_from_mse(mse)),
+            # OpenSTL-style: squared error summed over a frame's pixels, averaged over frames.
+            "mse_per_frame_sum": mse * height * width,
+        }
+        for rule, values in (("mean", means), ("centre", centres))
+    }
     return {
-        "quantization_mse": mse,
-        "quantization_psnr": psnr(mse),
-        # OpenSTL-style: squared error summed over a frame's pixels, averaged over frames.
-        "quantization_mse_per_frame_sum": mse * height * width,
+        "quantization": floors,
+        "bin_means": means.tolist(),
         "levels": levels,
         "frame_size": height,
         "sequences": count,
+        "train_sequences": train_sequences,
     }

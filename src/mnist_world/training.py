@@ -1,5 +1,8 @@
-"""The training loop: one objective per batch, AdamW with a per-step cosine schedule, validation, DVCLive
-logging, self-describing checkpoints and exact resume after an interruption, in one process or under DDP.
+"""The training loop: one objective per batch, AdamW (matrices decayed) with linear warm-up and a per-step
+cosine decay, validation with the point prediction's error, curves every few steps, self-describing
+checkpoints and exact resume after an interruption, in one process or under DDP.
+
+`fit` is the entry point of the train stage and the GPU script: stores and params in, checkpoints out.
 """
 
 from __future__ import annotations
@@ -7,30 +10,27 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
-import random
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 from tqdm import tqdm
 
 from mnist_world.checkpoint import load_checkpoint, save_checkpoint
 from mnist_world.config import DataConfig, ModelConfig, TrainConfig, as_dict
+from mnist_world.dataset import load_split
 from mnist_world.devices import autocast, autocast_dtype, resolve_device
-from mnist_world.masking import MaskedBatch, choose_objectives, make_batch
+from mnist_world.distributed import Process, close_process, init_process
+from mnist_world.masking import MaskedBatch, choose_objectives, make_batch, masked_cross_entropy
 from mnist_world.model import Architecture, WorldModel
+from mnist_world.randomness import derived_seed, rng_state, set_rng_state
+from mnist_world.sampling import point_prediction
+from mnist_world.tokens import Vocabulary
+from mnist_world.training_log import TrainingLog
 
-METRICS = ("loss", "val_loss", "lr", "val_accuracy")  # logged once per epoch, in this order
 LAST, BEST = "last.pt", "best.pt"
 NO_BAD_STEP = 2**62  # "no non-finite loss yet": above any step, so a MIN across ranks finds the first bad one
 # Each random stream has its own seed, derived from (train.seed, stream, epoch, rank...), so that none
@@ -49,26 +49,6 @@ class Sequences(NamedTuple):
     actions: Tensor
 
 
-@dataclasses.dataclass(frozen=True)
-class Process:
-    """Where this process stands in a (possibly single-process) distributed run."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-
-# --- Small helpers ---------------------------------------------------------------------------------------
-
-
 def run_params(model: ModelConfig, train: TrainConfig, data: DataConfig) -> dict[str, Any]:
     """The params a checkpoint records and a resume must match: model, train and the data split."""
     return {
@@ -76,33 +56,6 @@ def run_params(model: ModelConfig, train: TrainConfig, data: DataConfig) -> dict
         "train": as_dict(train),
         "data": {"train_sequences": data.train_sequences, "val_sequences": data.val_sequences},
     }
-
-
-def derived_seed(*keys: int) -> int:
-    """A well-mixed 63-bit seed from integers (seed, stream, epoch, rank...): nearby keys, unrelated seeds."""
-    entropy = [key % 2**64 for key in keys]  # SeedSequence takes non-negative integers only
-    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def masked_cross_entropy(
-    logits: Tensor, targets: Tensor, loss_mask: Tensor, label_smoothing: float = 0.0
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Mean cross-entropy over the positions of `loss_mask`, the correct argmax count there, and the count.
-
-    logits (B, T, H, W, V), targets (B, T, H, W) ids, loss_mask (B, T, H, W) bool. Weighting every position
-    instead of indexing the masked ones keeps shapes static: no host-device sync on a GPU.
-    """
-    per_token = F.cross_entropy(
-        rearrange(logits.float(), "b t h w v -> (b t h w) v"),
-        targets.reshape(-1),
-        reduction="none",
-        label_smoothing=label_smoothing,
-    )
-    weights = loss_mask.reshape(-1).to(per_token.dtype)
-    count = weights.sum()
-    loss = (per_token * weights).sum() / count.clamp(min=1)
-    correct = ((logits.argmax(dim=-1) == targets) & loss_mask).sum()
-    return loss, correct, count
 
 
 def data_fingerprint(*splits: Sequences) -> str:
@@ -113,47 +66,6 @@ def data_fingerprint(*splits: Sequences) -> str:
             digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-# --- Random state, as weights_only-loadable values --------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's torch (CPU and current CUDA device), numpy and python random states."""
-    numpy_name, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
-    python_version, python_internal, python_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "numpy": [
-            numpy_name,
-            torch.from_numpy(numpy_keys.astype(np.int64)),
-            numpy_pos,
-            numpy_has_gauss,
-            numpy_gauss,
-        ],
-        "python": [python_version, list(python_internal), python_gauss],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-def gather_rng_states(process: Process) -> list[dict[str, Any]]:
-    """Every rank's random state (rank order), so that a resumed DDP run draws dropout as before."""
-    state = rng_state()
-    if process.world_size == 1:
-        return [state]
-    states: list[Any] = [None] * process.world_size
-    dist.all_gather_object(states, state)
-    return states
 
 
 # --- Checkpoints and resume ------------------------------------------------------------------------------
@@ -206,75 +118,32 @@ def find_resumable(
     return payload
 
 
-# --- DVCLive ---------------------------------------------------------------------------------------------
+# --- Optimisation ----------------------------------------------------------------------------------------
 
 
-def open_live(reports_dir: Path, history: Sequence[dict[str, Any]]) -> Any:
-    """A DVCLive logger whose files hold exactly the epochs of `history` (from the checkpoint).
-
-    DVCLive's own resume reads the step from metrics.json, but `dvc repro` deletes non-persistent outputs
-    before re-running a stage, and a kill between logging and checkpointing would leave an extra row; so the
-    files are rewritten from the checkpoint's history instead, and the step count continues from there.
-    """
-    live = _files_only_live()(dir=str(reports_dir), resume=False, save_dvc_exp=False, dvcyaml=None)
-    for record in history:
-        log_epoch(live, record)
-    return live
-
-
-def _files_only_live() -> type:
-    from dvclive import Live  # imported here: it is slow to import and only the main rank logs
-
-    class FilesOnlyLive(Live):
-        """DVCLive writing its files and nothing else.
-
-        Its repository probing serves experiment tracking, which this project leaves to DVC (the stage
-        declares the files; save_dvc_exp=False, dvcyaml=None), yet it fails in a git repository without
-        commits (dvclive 3.49: `scm.get_rev()` before the `no_commits` check) and runs `dvc init` in a git
-        repository without DVC.
-        """
-
-        def _init_dvc(self) -> None:
-            self._dvc_file = "dvc.yaml"  # never written: dvcyaml=None
-
-    return FilesOnlyLive
+def configure_optimizer(model: WorldModel, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW that decays the weight matrices only (nanoGPT's rule): biases, norms and the position
+    embeddings, whose size says nothing about overfitting, are left undecayed."""
+    decayed, undecayed = [], []
+    for name, parameter in model.named_parameters():
+        is_matrix = parameter.dim() >= 2 and not name.endswith("_position")
+        (decayed if is_matrix else undecayed).append(parameter)
+    groups = [
+        {"params": decayed, "weight_decay": config.weight_decay},
+        {"params": undecayed, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
 
 
-def log_epoch(live: Any, record: dict[str, Any]) -> None:
-    live.step = record["epoch"]
-    for name in METRICS:
-        live.log_metric(name, record[name])
-    live.next_step()
-
-
-# --- Distributed setup -----------------------------------------------------------------------------------
-
-
-def init_process(device_name: str) -> Process:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a single process otherwise."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Process()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if not dist.is_initialized():
-        device = resolve_device(device_name, local_rank)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Process(rank=rank, world_size=world_size, local_rank=local_rank)
-
-
-def inside_torchrun() -> bool:
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def launch_distributed(nproc: int, script: str, arguments: Sequence[str]) -> int:
-    """Re-run `script arguments` under torchrun with `nproc` processes; return its exit status."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run([*command, script, *arguments], check=False).returncode
-
-
-# --- The loop --------------------------------------------------------------------------------------------
+def lr_factor(step: int, config: TrainConfig, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a multiple of train.lr: linear warm-up over
+    train.warmup_steps, then a cosine decay that reaches train.min_lr when all `total_steps` are done."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    decay_steps = max(1, total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    floor = config.min_lr / config.lr
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @dataclasses.dataclass
@@ -285,32 +154,35 @@ class Learner:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
     best_val_loss: float = math.inf
-    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one metrics record per epoch
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one record per epoch
+    curve: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the logged rows, by step
 
     @classmethod
     def build(
-        cls, arch: Architecture, config: TrainConfig, steps_per_epoch: int, device: torch.device
+        cls, arch: Architecture, config: TrainConfig, total_steps: int, device: torch.device
     ) -> Learner:
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         model = WorldModel(arch).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        # Stepped once per batch: a smooth decay even over the 2-epoch CPU budget.
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=config.epochs * steps_per_epoch, eta_min=config.min_lr
+        optimizer = configure_optimizer(model, config)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, config, total_steps)
         )
         return cls(model, optimizer, scheduler)
 
     def payload(self, expected: dict[str, Any], rng: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
-            **expected,  # architecture, params, data_fingerprint
+            **expected,  # architecture, params, data_fingerprint, vocabulary
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": rng,  # one entry per rank
             "epoch": self.epoch,
+            "step": self.step,
             "best_val_loss": self.best_val_loss,
             "history": self.history,
+            "curve": self.curve,
             "metrics": self.history[-1],  # this epoch's (in best.pt: the best epoch's)
         }
 
@@ -319,8 +191,37 @@ class Learner:
         self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         set_rng_state(payload["rng"][rank])
-        self.epoch, self.best_val_loss = payload["epoch"], payload["best_val_loss"]
-        self.history = list(payload["history"])
+        self.epoch, self.step = payload["epoch"], payload["step"]
+        self.best_val_loss = payload["best_val_loss"]
+        self.history, self.curve = list(payload["history"]), list(payload["curve"])
+
+
+def train_step(
+    net: torch.nn.Module,
+    learner: Learner,
+    tokens: Tensor,
+    actions: Tensor,
+    objective: str,
+    config: TrainConfig,
+    masks: torch.Generator,
+    amp: torch.dtype | None,
+) -> Tensor:
+    """One optimizer step on a batch of tokens (B, T, H, W) int64 and actions (B, T, 2); returns the loss
+    (detached, on the device: reading it would make a GPU wait)."""
+    batch = make_batch(objective, tokens, config, learner.model.arch.levels, masks)
+    with autocast(tokens.device, amp):
+        logits, _ = net(batch.inputs, actions, batch.temporal_mask)  # (B, T, H, W, levels)
+    loss, _, _ = masked_cross_entropy(logits, tokens, batch.loss_mask, config.label_smoothing)
+    learner.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(learner.model.parameters(), config.grad_clip)
+    learner.optimizer.step()
+    learner.scheduler.step()
+    learner.step += 1
+    return loss.detach()
+
+
+# --- Data ------------------------------------------------------------------------------------------------
 
 
 def limit(split: Sequences, count: int) -> Sequences:
@@ -359,6 +260,13 @@ def epoch_batches(
     return list(order[:usable][process.rank :: process.world_size].to(device).split(config.batch_size))
 
 
+def steps_per_epoch(count: int, config: TrainConfig, process: Process) -> int:
+    return math.ceil(count // process.world_size / config.batch_size)
+
+
+# --- One epoch -------------------------------------------------------------------------------------------
+
+
 def train_epoch(
     net: torch.nn.Module,
     learner: Learner,
@@ -368,18 +276,18 @@ def train_epoch(
     process: Process,
     amp: torch.dtype | None,
     progress: bool,
-) -> tuple[float, float]:
-    """One pass over this rank's share of the data; returns (mean batch loss, lr of the last step)."""
-    model, optimizer, scheduler = learner.model, learner.optimizer, learner.scheduler
+    on_log: Callable[[dict[str, Any]], None],
+) -> float:
+    """One pass over this rank's share of the data; returns the mean batch loss. Every train.log_every
+    steps `on_log` receives {"step", "loss" (mean over those steps and ranks), "lr"}."""
     device = data.tokens.device
     batches = epoch_batches(data.tokens.shape[0], config, epoch, process, device)
     objectives = choose_objectives(
         config, len(batches), torch.Generator().manual_seed(derived_seed(config.seed, OBJECTIVES, epoch))
     )
     masks = torch.Generator(device=device).manual_seed(derived_seed(config.seed, MASKS, epoch, process.rank))
-    # A GPU step must not wait for the host: losses stay on the device and are read every `sync_every` steps.
-    sync_every = 1 if device.type == "cpu" else 50
-    loss_sum = torch.zeros((), device=device)
+    loss_sum, window_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    window_start = 0
     first_bad_step = torch.full((), NO_BAD_STEP, dtype=torch.int64, device=device)
     bar = tqdm(
         total=len(batches),
@@ -389,52 +297,32 @@ def train_epoch(
         dynamic_ncols=True,
         leave=True,
     )
-    started, lr = time.perf_counter(), scheduler.get_last_lr()[0]
-    net.train()
+    started = time.perf_counter()
     for step, (indices, objective) in enumerate(zip(batches, objectives, strict=True), start=1):
-        tokens = data.tokens[indices].long()  # (B, T, H, W)
-        batch = make_batch(objective, tokens, config, model.arch.levels, masks)
-        with autocast(device, amp):
-            logits, _ = net(batch.inputs, data.actions[indices], batch.temporal_mask)  # (B, T, H, W, levels)
-        loss, _, _ = masked_cross_entropy(logits, tokens, batch.loss_mask, config.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-
-        loss = loss.detach()
+        lr = learner.scheduler.get_last_lr()[0]
+        loss = train_step(
+            net, learner, data.tokens[indices].long(), data.actions[indices], objective, config, masks, amp
+        )
         loss_sum += loss
+        window_sum += loss
         first_bad_step = torch.where(torch.isfinite(loss) | (first_bad_step < step), first_bad_step, step)
-        if step % sync_every == 0 or step == len(batches):
+        # A GPU must not wait for the host: losses stay on the device until a log line needs them.
+        if learner.step % config.log_every == 0 or step == len(batches):
             stop_if_diverged(first_bad_step, epoch, process)
-            seconds = time.perf_counter() - started
-            rate = step * config.batch_size * process.world_size / max(seconds, 1e-9)
-            bar.set_postfix(loss=f"{loss_sum.item() / step:.4f}", seq_per_s=f"{rate:.2f}", refresh=False)
+            mean = process.sum(window_sum).item() / ((step - window_start) * process.world_size)
+            on_log({"step": learner.step, "loss": mean, "lr": lr})
+            window_sum.zero_()
+            window_start = step
+            rate = step * config.batch_size * process.world_size / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(loss=f"{mean:.4f}", seq_per_s=f"{rate:.2f}", refresh=False)
             bar.update(step - bar.n)
     bar.close()
-    total = loss_sum.clone()
-    if process.world_size > 1:
-        dist.all_reduce(total)
-    return total.item() / (len(batches) * process.world_size), lr
-
-
-def rank_zero_decides(flag: bool, process: Process, device: torch.device) -> bool:
-    """Rank 0's value of `flag` on every rank: ranks that disagreed on stopping would wait on each other."""
-    if process.world_size == 1:
-        return flag
-    decision = torch.tensor([int(flag)], device=device)
-    dist.broadcast(decision, src=0)
-    return bool(decision.item())
+    return process.sum(loss_sum).item() / (len(batches) * process.world_size)
 
 
 def stop_if_diverged(first_bad_step: Tensor, epoch: int, process: Process) -> None:
     """Raise (on every rank together, so none waits forever in an all-reduce) at the first non-finite loss."""
-    if process.world_size > 1:
-        first_bad_step = first_bad_step.clone()
-        dist.all_reduce(first_bad_step, op=dist.ReduceOp.MIN)
-    step = int(first_bad_step.item())
+    step = int(process.minimum(first_bad_step).item())
     if step != NO_BAD_STEP:
         raise DivergenceError(
             f"non-finite training loss at epoch {epoch}, step {step}: stopped without checkpointing these "
@@ -442,31 +330,71 @@ def stop_if_diverged(first_bad_step: Tensor, epoch: int, process: Process) -> No
         )
 
 
-@torch.no_grad()
-def validate(
-    model: torch.nn.Module,
-    data: Sequences,
-    masked: MaskedBatch,
-    config: TrainConfig,
-    process: Process,
-    amp: torch.dtype | None,
-) -> tuple[float, float]:
-    """Future-objective loss (no label smoothing: a true NLL) and masked-token accuracy on the fixed masks."""
-    device = data.tokens.device
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    indices = torch.arange(process.rank, data.tokens.shape[0], process.world_size, device=device)
-    model.eval()
-    for chunk in indices.split(config.batch_size):
-        tokens = data.tokens[chunk].long()
-        with autocast(device, amp):
-            logits, _ = model(masked.inputs[chunk].long(), data.actions[chunk], masked.temporal_mask)
-        loss, correct, count = masked_cross_entropy(logits, tokens, masked.loss_mask[chunk])
-        totals += torch.stack([loss.double() * count, correct.double(), count.double()])
-    model.train()
-    if process.world_size > 1:
-        dist.all_reduce(totals)
-    loss_sum, correct, count = totals.tolist()
-    return loss_sum / max(count, 1), correct / max(count, 1)
+# --- Validation ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """What every epoch is scored on: fixed masks of the future objective over the validation split, and the
+    point prediction of the first train.point_sequences sequences against their decoded true tokens."""
+
+    data: Sequences
+    masked: MaskedBatch
+    intensities: Tensor  # (levels,) the pixel value of each level
+
+    @classmethod
+    def build(
+        cls, data: Sequences, config: TrainConfig, arch: Architecture, intensities: Tensor
+    ) -> Validation:
+        generator = torch.Generator(device=data.tokens.device).manual_seed(
+            derived_seed(config.seed, VALIDATION)
+        )
+        masked = make_batch(
+            "future", data.tokens, dataclasses.replace(config, noise_eta=0.0), arch.levels, generator
+        )
+        return cls(data, masked, intensities.to(data.tokens.device))
+
+    @torch.no_grad()
+    def score(
+        self, model: torch.nn.Module, config: TrainConfig, process: Process, amp: torch.dtype | None
+    ) -> dict[str, float]:
+        """val_loss (future objective, no label smoothing: a true NLL), val_accuracy on the hidden tokens, and
+        val_point_mse and its ratio to the blank frame's, val_point_vs_blank (< 1: better than blank)."""
+        tokens_all, actions_all = self.data
+        device = tokens_all.device
+        totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, correct, count, point, blank
+        indices = torch.arange(process.rank, tokens_all.shape[0], process.world_size, device=device)
+        points = min(config.point_sequences, tokens_all.shape[0])
+        model.eval()
+        for chunk in indices.split(config.batch_size):
+            tokens = tokens_all[chunk].long()
+            with autocast(device, amp):
+                logits, _ = model(
+                    self.masked.inputs[chunk].long(), actions_all[chunk], self.masked.temporal_mask
+                )
+            loss, correct, count = masked_cross_entropy(logits, tokens, self.masked.loss_mask[chunk])
+            totals[:3] += torch.stack([loss.double() * count, correct.double(), count.double()])
+            scored = chunk[chunk < points]
+            if len(scored):
+                past = tokens_all[scored, : config.past_frames]
+                with autocast(device, amp):
+                    point = point_prediction(
+                        model, past, actions_all[scored], self.intensities, model.arch.mask_id
+                    )
+                truth = self.intensities[tokens_all[scored, config.past_frames :].long()]
+                totals[3] += ((point.float() - truth) ** 2).mean(dim=(2, 3)).sum().double()
+                totals[4] += (truth**2).mean(dim=(2, 3)).sum().double()
+        model.train()
+        loss_sum, correct, count, point_error, blank_error = process.sum(totals).tolist()
+        frames = max(points * (tokens_all.shape[1] - config.past_frames), 1)
+        scores = {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
+        if points:
+            scores["val_point_mse"] = point_error / frames
+            scores["val_point_vs_blank"] = point_error / blank_error if blank_error > 0 else math.inf
+        return scores
+
+
+# --- The run --------------------------------------------------------------------------------------------
 
 
 def start_or_resume(
@@ -512,129 +440,151 @@ def train(
     fresh: bool = False,
     echo: Callable[[str], None] = print,
     deadline: float | None = None,
+    vocabulary: Vocabulary | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume training) a WorldModel; write checkpoints to `output_dir` and DVCLive logs to
+    """Train (or resume training) a WorldModel; write checkpoints to `output_dir` and the curves to
     `reports_dir` (None: no logs). Returns the last epoch's metrics plus `best_val_loss` and `epoch`.
 
     train_data / val_data: (tokens uint8 (N, T, H, W), actions float32 (N, T, 2)), cut here to
     train.max_train_sequences / max_val_sequences. `params` (see `run_params`) is recorded in every
     checkpoint; `last.pt` is resumed only when its params, architecture and data all match, and never when
     `fresh`. `deadline` (a `time.monotonic()` value) ends training cleanly after the first epoch that passes
-    it. Under torchrun (WORLD_SIZE > 1) every process calls this; rank 0 alone writes files.
+    it. `vocabulary` decodes tokens for the point prediction's error (bin centres when None). Under torchrun
+    (WORLD_SIZE > 1) every process calls this; rank 0 alone writes files.
     """
     process = init_process(config.device)
+    vocabulary = vocabulary or Vocabulary.uniform(arch.levels, arch.frame_size, arch.frames)
     try:
-        return _train(
-            config,
-            arch,
-            Sequences(*train_data),
-            Sequences(*val_data),
-            Path(output_dir),
-            reports_dir,
-            params or {},
-            progress,
-            fresh,
-            echo,
-            process,
-            deadline,
-        )
+        run = _Run(config, arch, process, echo, vocabulary)
+        splits = Sequences(*train_data), Sequences(*val_data)
+        return run.train(*splits, Path(output_dir), reports_dir, params or {}, progress, fresh, deadline)
     finally:
-        if process.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        close_process(process)
 
 
-def _train(
-    config: TrainConfig,
-    arch: Architecture,
-    train_split: Sequences,
-    val_split: Sequences,
-    output_dir: Path,
-    reports_dir: str | Path | None,
-    params: dict[str, Any],
-    progress: bool,
-    fresh: bool,
-    echo: Callable[[str], None],
-    process: Process,
-    deadline: float | None = None,
-) -> dict[str, Any]:
-    say = echo if process.is_main else (lambda message: None)
-    device = resolve_device(config.device, process.local_rank)
-    amp = autocast_dtype(config.precision, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 work autocast leaves
-    train_split = limit(train_split, config.max_train_sequences)
-    val_split = limit(val_split, config.max_val_sequences)
-    check_data(train_split, arch, "train", minimum=process.world_size)
-    check_data(val_split, arch, "validation", minimum=1)
-    if not 0 < config.past_frames < arch.frames:
-        raise ValueError(f"train.past_frames={config.past_frames} must be in [1, {arch.frames - 1}]")
-    expected = {
-        "architecture": dataclasses.asdict(arch),
-        "params": params,
-        "data_fingerprint": data_fingerprint(train_split, val_split),
-    }
-    steps_per_epoch = math.ceil(train_split.tokens.shape[0] // process.world_size / config.batch_size)
-    learner = Learner.build(arch, config, steps_per_epoch, device)
-    # Dropout draws from the global generator: give each rank its own stream (a resume restores it).
-    torch.manual_seed(derived_seed(config.seed, DROPOUT, process.rank))
-    start_or_resume(learner, output_dir, expected, fresh, process, say)
+@dataclasses.dataclass
+class _Run:
+    config: TrainConfig
+    arch: Architecture
+    process: Process
+    echo: Callable[[str], None]
+    vocabulary: Vocabulary
 
-    # The splits are tiny (2000 x 20 x 32 x 32 uint8 = 41 MB): keep them on the device, index batches there.
-    train_split = Sequences(*(tensor.to(device) for tensor in train_split))
-    val_split = Sequences(*(tensor.to(device) for tensor in val_split))
-    # The same validation masks every epoch (and for any batch size or rank count): comparable losses.
-    val_masks = make_batch(
-        "future",
-        val_split.tokens,
-        dataclasses.replace(config, noise_eta=0.0),
-        arch.levels,
-        torch.Generator(device=device).manual_seed(derived_seed(config.seed, VALIDATION)),
-    )
-    evaluator: torch.nn.Module = torch.compile(learner.model) if config.compile else learner.model
-    net = evaluator
-    if process.world_size > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(evaluator, device_ids=ids)
+    def say(self, message: str) -> None:
+        if self.process.is_main:
+            self.echo(message)
 
-    live = open_live(Path(reports_dir), learner.history) if reports_dir and process.is_main else None
-    try:
+    def train(
+        self,
+        train_split: Sequences,
+        val_split: Sequences,
+        output_dir: Path,
+        reports_dir: str | Path | None,
+        params: dict[str, Any],
+        progress: bool,
+        fresh: bool,
+        deadline: float | None,
+    ) -> dict[str, Any]:
+        config, arch, process = self.config, self.arch, self.process
+        device = resolve_device(config.device, process.local_rank)
+        amp = autocast_dtype(config.precision, device)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 work autocast leaves
+        train_split = limit(train_split, config.max_train_sequences)
+        val_split = limit(val_split, config.max_val_sequences)
+        check_data(train_split, arch, "train", minimum=process.world_size)
+        check_data(val_split, arch, "validation", minimum=1)
+        if not 0 < config.past_frames < arch.frames:
+            raise ValueError(f"train.past_frames={config.past_frames} must be in [1, {arch.frames - 1}]")
+        expected = {
+            "architecture": dataclasses.asdict(arch),
+            "params": params,
+            "data_fingerprint": data_fingerprint(train_split, val_split),
+            "vocabulary": dataclasses.asdict(self.vocabulary),
+        }
+        total_steps = config.epochs * steps_per_epoch(train_split.tokens.shape[0], config, process)
+        learner = Learner.build(arch, config, total_steps, device)
+        # Dropout draws from the global generator: give each rank its own stream (a resume restores it).
+        torch.manual_seed(derived_seed(config.seed, DROPOUT, process.rank))
+        start_or_resume(learner, output_dir, expected, fresh, process, self.say)
+
+        # The splits are small (10,000 x 20 x 32 x 32 uint8 = 205 MB at most): keep them on the device.
+        train_split = Sequences(*(tensor.to(device) for tensor in train_split))
+        val_split = Sequences(*(tensor.to(device) for tensor in val_split))
+        intensities = torch.tensor(self.vocabulary.intensities, dtype=torch.float32)
+        validation = Validation.build(val_split, config, arch, intensities)
+        evaluator: torch.nn.Module = torch.compile(learner.model) if config.compile else learner.model
+        net = evaluator
+        if process.world_size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            net = torch.nn.parallel.DistributedDataParallel(evaluator, device_ids=ids)
+
+        log = TrainingLog(reports_dir, learner.curve) if reports_dir and process.is_main else None
+
+        def on_log(row: dict[str, Any]) -> None:
+            learner.curve.append(row)
+            if log is not None:
+                log.add(row)
+                log.write()
+
+        if log is not None:
+            log.write()
         if learner.epoch >= config.epochs:
-            say(f"{output_dir / LAST}: training already finished ({learner.epoch} epochs); logs rewritten")
+            self.say(
+                f"{output_dir / LAST}: training already finished ({learner.epoch} epochs); logs rewritten"
+            )
         for epoch in range(learner.epoch + 1, config.epochs + 1):
             started = time.perf_counter()
-            loss, lr = train_epoch(net, learner, train_split, config, epoch, process, amp, progress)
-            val_loss, val_accuracy = validate(evaluator, val_split, val_masks, config, process, amp)
-            if not math.isfinite(val_loss):
+            loss = train_epoch(net, learner, train_split, config, epoch, process, amp, progress, on_log)
+            scores = validation.score(evaluator, config, process, amp)
+            if not math.isfinite(scores["val_loss"]):
                 raise DivergenceError(f"non-finite validation loss after epoch {epoch}: nothing checkpointed")
-            seconds = time.perf_counter() - started
-            record = {
-                "epoch": epoch,
-                "loss": loss,
-                "val_loss": val_loss,
-                "lr": lr,
-                "val_accuracy": val_accuracy,
-                "seconds": seconds,
-            }
-            improved = val_loss < learner.best_val_loss
+            record = {"epoch": epoch, "step": learner.step, "loss": loss, **scores}
+            record["seconds"] = time.perf_counter() - started
+            improved = scores["val_loss"] < learner.best_val_loss
             learner.epoch, learner.history = epoch, [*learner.history, record]
-            learner.best_val_loss = min(val_loss, learner.best_val_loss)
-            rng = gather_rng_states(process)
+            learner.best_val_loss = min(scores["val_loss"], learner.best_val_loss)
+            on_log({"step": learner.step, **scores})
+            rng = process.gather(rng_state())
             if process.is_main:
                 save_epoch(output_dir, learner.payload(expected, rng), improved, config)
-                if live is not None:
-                    log_epoch(live, record)
-                say(
-                    f"epoch {epoch}/{config.epochs}: loss {loss:.4f}, val_loss {val_loss:.4f}, "
-                    f"val_accuracy {val_accuracy:.4f}, lr {lr:.2e}, {seconds:.1f} s"
+                shown = ", ".join(f"{name} {value:.4f}" for name, value in scores.items())
+                self.say(
+                    f"epoch {epoch}/{config.epochs}: loss {loss:.4f}, {shown}, {record['seconds']:.1f} s"
                     + (" (best)" if improved else "")
                 )
             process.barrier()
             out_of_time = deadline is not None and time.monotonic() > deadline
-            if rank_zero_decides(out_of_time, process, device) and epoch < config.epochs:
-                say(f"time budget reached after epoch {epoch}/{config.epochs}: stopping with its checkpoints")
+            if process.main_decides(out_of_time, device) and epoch < config.epochs:
+                self.say(
+                    f"time budget reached after epoch {epoch}/{config.epochs}: stopping with its checkpoints"
+                )
                 break
-    finally:
-        if live is not None:
-            live.end()
-    last = learner.history[-1] if learner.history else {}
-    return {**last, "best_val_loss": learner.best_val_loss, "epoch": learner.epoch}
+        last = learner.history[-1] if learner.history else {}
+        summary = {**last, "best_val_loss": learner.best_val_loss, "epoch": learner.epoch}
+        if log is not None:
+            log.write({"best_val_loss": learner.best_val_loss, "epoch": learner.epoch})
+        return summary
+
+
+def fit(
+    model_config: ModelConfig,
+    config: TrainConfig,
+    data: DataConfig,
+    tokens_path: str | Path,
+    actions_path: str | Path,
+    output_dir: str | Path = "models",
+    reports_dir: str | Path | None = "reports/train",
+    **options: Any,
+) -> dict[str, Any]:
+    """Train on the stores: the vocabulary and frame geometry from the token store, the architecture from
+    `model_config`, the splits from `data`; `options` go to `train` (progress, fresh, echo, deadline)."""
+    vocabulary = Vocabulary.from_store(tokens_path)
+    arch = Architecture.from_config(model_config, vocabulary.levels, vocabulary.frame_size, vocabulary.frames)
+    sizes = (data.train_sequences, data.val_sequences)
+    train_data = load_split(tokens_path, actions_path, "train", *sizes, config.max_train_sequences)
+    val_data = load_split(tokens_path, actions_path, "val", *sizes, config.max_val_sequences)
+    params = run_params(model_config, config, data)
+    return train(
+        config, arch, train_data, val_data, output_dir, reports_dir, params, vocabulary=vocabulary, **options
+    )
