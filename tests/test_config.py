@@ -60,3 +60,77 @@ def test_configs_are_frozen() -> None:
     model = config.ModelConfig()
     with pytest.raises(AttributeError):
         model.layers = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "train:\n\tlr: 0.1\n",
+            r"params\.yaml: line 2, column 1: not valid YAML: found character '\\t' .*tabs",
+        ),
+        ("train: [1, 2\n", r"params\.yaml: line 2, column 1: not valid YAML: expected ',' or '\]'"),
+        (
+            "train:\n  lr: 0.1\n  lr: 0.2\n",
+            r"params\.yaml: line 3, column 3: not valid YAML: duplicate key 'lr'",
+        ),
+    ],
+)
+def test_malformed_yaml_is_one_line_with_its_place(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message) as caught:
+        config.load("train", tmp_path / "params.yaml")
+    assert "\n" not in str(caught.value) and str(caught.value).endswith("; fix the file")
+
+
+@pytest.mark.parametrize(
+    ("section", "values", "message"),
+    [
+        ("train", {"lr": "abc"}, "train.lr: expected a number, got 'abc'"),
+        ("train", {"lr": float("nan")}, "train.lr: expected a finite number, got nan"),
+        ("train", {"lr": "1e400"}, "train.lr: expected a finite number, got inf"),
+        ("train", {"lr": True}, "train.lr: expected a number, got True"),
+        ("train", {"epochs": True}, "train.epochs: expected an integer, got True"),
+        ("train", {"epochs": "3"}, "train.epochs: expected an integer, got '3'"),
+        (
+            "train",
+            {"betas": [0.9, 0.95, 0.99]},
+            "train.betas: expected a list of 2 numbers, got [0.9, 0.95, 0.99]",
+        ),
+        ("train", {"objectives": [1.0]}, "train.objectives: expected a mapping, got [1.0]"),
+        ("train", {"objectives": {"future": "x"}}, "train.objectives.future: expected a number, got 'x'"),
+        ("data", {"url": 5}, "data.url: expected a string, got 5"),
+        ("data", {"seed": None}, "data.seed: expected an integer, got None"),
+        ("data", {1: 2}, "data.1: unknown key (known keys: canvas, digits, "),
+        ("eval", {"sequences": 0}, "eval.sequences: must be at least 1"),
+    ],
+)
+def test_every_message_is_one_line_naming_the_key(
+    tmp_path: Path, section: str, values: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.build(config.SECTIONS[section], section, values)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+    assert "Input should be" not in str(caught.value)  # pydantic's own wording never reaches the user
+
+
+def test_values_are_converted_losslessly() -> None:
+    train = config.build(
+        config.TrainConfig, "train", {"min_lr": 0, "betas": [0.9, 0.95], "objectives": {"future": 1}}
+    )
+    assert (
+        isinstance(train.min_lr, float) and train.betas == (0.9, 0.95) and train.objectives == {"future": 1.0}
+    )
+    assert config.build(config.TrainConfig, "train", config.as_dict(train)) == train
+    assert config.as_dict(train)["betas"] == [0.9, 0.95]
+
+
+def test_configs_built_in_code_are_checked_too() -> None:
+    import dataclasses
+
+    with pytest.raises(ConfigError, match=r"^train\.lr: must be positive$"):
+        dataclasses.replace(config.TrainConfig(), lr=-1.0)
+    with pytest.raises(ConfigError, match=r"^model\.layerz: unknown key"):
+        config.ModelConfig(layerz=3)  # type: ignore[call-arg]
+    assert dataclasses.replace(config.TrainConfig(), lr=0.1).lr == 0.1
+    assert [field.name for field in dataclasses.fields(config.ModelConfig)][:2] == ["layers", "embed_dim"]

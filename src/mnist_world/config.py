@@ -1,19 +1,21 @@
-"""Frozen configuration objects, one per `params.yaml` section.
+"""Frozen configuration objects, one per `params.yaml` section, validated by pydantic.
 
-Each section is read once, checked key by key (unknown keys and wrong types fail with a message naming
-the key) and then passed down; nothing else in the library reads `params.yaml`.
+Each section is read once, checked key by key (unknown keys, wrong types and out-of-range values fail with
+one line naming the key) and then passed down; nothing else in the library reads `params.yaml`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
+import functools
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
+import pydantic
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, model_validator
+from pydantic_core import PydanticCustomError
 
 C = TypeVar("C")
 
@@ -22,83 +24,97 @@ class ConfigError(ValueError):
     """A params section that is missing, has an unknown key, or a value of the wrong type or range."""
 
 
-def _check_type(section: str, key: str, value: Any, annotation: Any) -> Any:
-    """Return `value` converted to `annotation` where that is lossless, else raise ConfigError."""
-    where = f"{section}.{key}"
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_type(section, key, value, option)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: expected {annotation}, got {value!r}")
-    if origin is typing.Literal:
-        allowed = typing.get_args(annotation)
-        if value not in allowed:
-            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, allowed))}, got {value!r}")
-        return value
-    if origin is tuple:
-        item_type = typing.get_args(annotation)[0]
-        length = len(typing.get_args(annotation))
-        if not isinstance(value, list | tuple) or len(value) != length:
-            raise ConfigError(f"{where}: expected a list of {length} numbers, got {value!r}")
-        return tuple(_check_type(section, key, item, item_type) for item in value)
-    if origin is dict:
-        key_type, value_type = typing.get_args(annotation)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {
-            _check_type(section, f"{key}.{k}", k, key_type): _check_type(section, f"{key}.{k}", v, value_type)
-            for k, v in value.items()
-        }
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        # YAML reads `3e-4` as a string (YAML 1.1), so accept numeric strings as well as ints.
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+# --- Field types: what YAML gives, checked without surprising conversions -----------------------------------
+
+
+def _yaml_number(value: Any) -> Any:
+    # YAML 1.1 reads `3e-4` (no dot) as a string: a number to a user, so numeric strings become floats.
+    if isinstance(value, str):
         try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-        if not math.isfinite(number):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-        return number
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config annotation {annotation!r} for {where}")
+            return float(value)
+        except ValueError:
+            return value  # rejected below, with the original value in the message
+    return value
+
+
+def _pair(value: Any) -> Any:
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise PydanticCustomError("pair", "expected a list of 2 numbers")
+    return value
+
+
+Integer = Annotated[int, Strict()]  # no bools, no 2.5, no "2"
+Boolean = Annotated[bool, Strict()]  # no "yes", no 1
+Text = Annotated[str, Strict()]
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False), BeforeValidator(_yaml_number)]  # ints too
+Pair = Annotated[tuple[Number, Number], BeforeValidator(_pair)]
+
+_MESSAGES = {  # pydantic error type -> the words of our one-line message
+    "int_type": "expected an integer",
+    "bool_type": "expected true or false",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "finite_number": "expected a finite number",
+    "string_type": "expected a string",
+    "dict_type": "expected a mapping",
+}
+
+
+def _describe(cls: type, section: str, error: pydantic.ValidationError) -> str:
+    """The first problem of a validation error as one line naming the key: `train.lr: expected ...`."""
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    # Unknown keys first: a misspelt key explains the other complaints.
+    problems = sorted(error.errors(), key=lambda item: item["type"] != "unexpected_keyword_argument")
+    problem = problems[0]
+    where = ".".join([section, *map(str, problem["loc"])])
+    kind, value = problem["type"], problem.get("input")
+    if kind == "value_error" and isinstance(problem.get("ctx", {}).get("error"), ConfigError):
+        return str(problem["ctx"]["error"])  # a range rule: its message already names the key
+    if kind == "unexpected_keyword_argument":
+        return f"{where}: unknown key (known keys: {', '.join(sorted(fields))})"
+    if kind in ("missing", "missing_argument"):
+        return f"{where}: missing"
+    if kind == "literal_error":
+        allowed = typing.get_args(typing.get_type_hints(cls)[problem["loc"][0]])
+        return f"{where}: expected one of {', '.join(map(repr, allowed))}, got {value!r}"
+    words = _MESSAGES.get(kind, problem["msg"][:1].lower() + problem["msg"][1:])
+    return f"{where}: {words}, got {value!r}"
+
+
+def _section(name: str) -> typing.Callable[[type[C]], type[C]]:
+    """Make `cls` a frozen pydantic dataclass for params section `name` that rejects unknown keys, and whose
+    construction (from params or from code, `dataclasses.replace` included) fails with a ConfigError."""
+
+    def decorate(cls: type[C]) -> type[C]:
+        cls.SECTION = name  # type: ignore[attr-defined]
+        validated = pydantic.dataclasses.dataclass(frozen=True, config=ConfigDict(extra="forbid"))(cls)
+        init = validated.__init__
+
+        @functools.wraps(init)
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            try:
+                init(self, *args, **kwargs)
+            except pydantic.ValidationError as error:
+                raise ConfigError(_describe(validated, name, error)) from None
+
+        validated.__init__ = __init__  # type: ignore[method-assign]
+        return validated
+
+    return decorate
 
 
 def build(cls: type[C], section: str, values: dict[str, Any] | None) -> C:
-    """Build the frozen dataclass `cls` from a params mapping, rejecting unknown keys and wrong types."""
+    """Build the config class `cls` from a params mapping, rejecting unknown keys, wrong types and ranges."""
     if not isinstance(values, dict):
         raise ConfigError(f"params section '{section}' must be a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"{section}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(fields))})")
-    kwargs = {}
-    for name, field in fields.items():
-        if name in values:
-            kwargs[name] = _check_type(section, name, values[name], hints[name])
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{section}.{name}: missing")
-    return cls(**kwargs)
+    known = {field.name for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted((str(key) for key in values if key not in known), key=str)
+    if unknown:  # also catches keys that are not strings, which no keyword argument can carry
+        raise ConfigError(f"{section}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(known))})")
+    try:
+        return pydantic.TypeAdapter(cls).validate_python(values)
+    except pydantic.ValidationError as error:
+        raise ConfigError(_describe(cls, section, error)) from None
 
 
 def _require(condition: bool, message: str) -> None:
@@ -106,26 +122,27 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-@dataclasses.dataclass(frozen=True)
+@_section("data")
 class DataConfig:
     """Where raw frames come from, how the generator draws them, and the train/validation split."""
 
     source: typing.Literal["generate", "url", "file"] = "generate"
-    num_sequences: int = 10000
-    seed: int = 0
-    frames: int = 20
-    canvas: int = 64
-    digits: int = 2
-    speed: float = 0.1  # fraction of the free range (canvas - 28) moved per frame
-    url: str = "http://www.cs.toronto.edu/~nitish/unsupervised_video/mnist_test_seq.npy"
-    sha256: str = "c2a3e8d3939c001ab77bf543f130157424efa486bb4d0974d2cebb773b13f8b3"
-    size_bytes: int = 819200096
-    path: str = "data/mnist_test_seq.npy"
-    train_sequences: int = 2000
-    val_sequences: int = 500
-    sequences_per_shard: int = 1000
+    num_sequences: Integer = 10000
+    seed: Integer = 0
+    frames: Integer = 20
+    canvas: Integer = 64
+    digits: Integer = 2
+    speed: Number = 0.1  # fraction of the free range (canvas - 28) moved per frame
+    url: Text = "http://www.cs.toronto.edu/~nitish/unsupervised_video/mnist_test_seq.npy"
+    sha256: Text = "c2a3e8d3939c001ab77bf543f130157424efa486bb4d0974d2cebb773b13f8b3"
+    size_bytes: Integer = 819200096
+    path: Text = "data/mnist_test_seq.npy"
+    train_sequences: Integer = 2000
+    val_sequences: Integer = 500
+    sequences_per_shard: Integer = 1000
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Any:
         _require(self.num_sequences > 0, "data.num_sequences: must be positive")
         _require(self.frames >= 2, "data.frames: must be at least 2")
         _require(self.canvas > 28, "data.canvas: must be larger than a 28x28 digit")
@@ -134,50 +151,56 @@ class DataConfig:
         _require(self.train_sequences > 0, "data.train_sequences: must be positive")
         _require(self.val_sequences >= 0, "data.val_sequences: must not be negative")
         _require(self.sequences_per_shard > 0, "data.sequences_per_shard: must be positive")
+        return self
 
 
-@dataclasses.dataclass(frozen=True)
+@_section("tokens")
 class TokensConfig:
     """Downsampling of the raw frames and their uniform quantization into discrete tokens."""
 
-    frame_size: int = 32
-    levels: int = 16
+    frame_size: Integer = 32
+    levels: Integer = 16
     downsample: typing.Literal["area", "bilinear"] = "area"
     # How tokens become pixels: `mean` (each level's mean intensity over the training split, measured by the
     # quantize stage) or `centre` (the recipe's bin centres, (token + 0.5) / levels)
     decode: typing.Literal["mean", "centre"] = "mean"
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Any:
         _require(self.frame_size > 0, "tokens.frame_size: must be positive")
         _require(2 <= self.levels <= 255, "tokens.levels: must be in [2, 255] (uint8 tokens plus a mask id)")
+        return self
 
 
-@dataclasses.dataclass(frozen=True)
+@_section("actions")
 class ActionsConfig:
     """Ego-centric actions: from ground truth where the source has it, else by tracking."""
 
-    threshold: float = 0.2  # ink level in [0, 1] above which a pixel belongs to a digit when tracking
-    min_area: int = 4  # connected components smaller than this (pixels, tracking resolution) are noise
-    tracking_size: int = 64  # resolution the tracker runs at (the raw canvas by default)
+    threshold: Number = 0.2  # ink level in [0, 1] above which a pixel belongs to a digit when tracking
+    min_area: Integer = 4  # connected components smaller than this (pixels, tracking resolution) are noise
+    tracking_size: Integer = 64  # resolution the tracker runs at (the raw canvas by default)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Any:
         _require(0 < self.threshold < 1, "actions.threshold: must be in (0, 1)")
         _require(self.min_area >= 1, "actions.min_area: must be at least 1")
         _require(self.tracking_size > 0, "actions.tracking_size: must be positive")
+        return self
 
 
-@dataclasses.dataclass(frozen=True)
+@_section("model")
 class ModelConfig:
     """Transformer hyper-parameters; frame size, levels and frame count come from the token store."""
 
-    layers: int = 2
-    embed_dim: int = 128
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    dropout: float = 0.1
-    patch_size: int = 1  # p x p tokens per transformer position (1: one token per position, the recipe)
+    layers: Integer = 2
+    embed_dim: Integer = 128
+    heads: Integer = 4
+    mlp_ratio: Number = 4.0
+    dropout: Number = 0.1
+    patch_size: Integer = 1  # p x p tokens per transformer position (1: one token per position, the recipe)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Any:
         _require(self.layers >= 1, "model.layers: must be at least 1")
         _require(self.patch_size >= 1, "model.patch_size: must be at least 1")
         _require(self.heads >= 1, "model.heads: must be at least 1")
@@ -187,42 +210,44 @@ class ModelConfig:
         )
         _require(self.mlp_ratio > 0, "model.mlp_ratio: must be positive")
         _require(0 <= self.dropout < 1, "model.dropout: must be in [0, 1)")
+        return self
 
 
 OBJECTIVES = ("future", "joint", "individual")
 
 
-@dataclasses.dataclass(frozen=True)
+@_section("train")
 class TrainConfig:
     """The training loop, its objectives and its budget."""
 
-    epochs: int = 2
-    max_train_sequences: int = 0  # use only the first N of the train split (0: all of it)
-    max_val_sequences: int = 0  # validate on only the first N of the validation split (0: all of it)
-    batch_size: int = 4
-    lr: float = 3e-4
-    min_lr: float = 1e-6
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's; CoPilot4D: (0.9, 0.95)
-    warmup_steps: int = 0  # linear LR warm-up from 0 before the cosine decay; CoPilot4D: 2000
-    grad_clip: float = 1.0
-    past_frames: int = 10
-    mask_ratio: tuple[float, float] = (0.5, 1.0)
-    objectives: dict[str, float] = dataclasses.field(default_factory=lambda: {"future": 1.0})
+    epochs: Integer = 2
+    max_train_sequences: Integer = 0  # use only the first N of the train split (0: all of it)
+    max_val_sequences: Integer = 0  # validate on only the first N of the validation split (0: all of it)
+    batch_size: Integer = 4
+    lr: Number = 3e-4
+    min_lr: Number = 1e-6
+    weight_decay: Number = 0.01
+    betas: Pair = (0.9, 0.999)  # AdamW's; CoPilot4D: (0.9, 0.95)
+    warmup_steps: Integer = 0  # linear LR warm-up from 0 before the cosine decay; CoPilot4D: 2000
+    grad_clip: Number = 1.0
+    past_frames: Integer = 10
+    mask_ratio: Pair = (0.5, 1.0)
+    objectives: dict[Text, Number] = dataclasses.field(default_factory=lambda: {"future": 1.0})
     mask_schedule: typing.Literal["uniform", "cosine"] = "uniform"
-    noise_eta: float = 0.0  # CoPilot4D: replace up to this share of the unmasked tokens with random ones
-    label_smoothing: float = 0.0
-    checkpoint_every: int = 10
-    log_every: int = 10  # training steps between logged loss values
-    point_sequences: int = 16  # validation sequences whose point prediction is scored after every epoch
+    noise_eta: Number = 0.0  # CoPilot4D: replace up to this share of the unmasked tokens with random ones
+    label_smoothing: Number = 0.0
+    checkpoint_every: Integer = 10
+    log_every: Integer = 10  # training steps between logged loss values
+    point_sequences: Integer = 16  # validation sequences whose point prediction is scored after every epoch
     device: typing.Literal["auto", "cpu", "cuda", "mps"] = "auto"
     # auto: bf16 autocast where the device computes bf16 natively (CUDA, CPUs with AVX512-BF16/AMX), else fp32
     precision: typing.Literal["auto", "bf16", "fp32"] = "auto"
-    compile: bool = False
-    nproc: int = 1
-    seed: int = 0
+    compile: Boolean = False
+    nproc: Integer = 1
+    seed: Integer = 0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Any:
         _require(self.epochs >= 1, "train.epochs: must be at least 1")
         _require(self.max_train_sequences >= 0, "train.max_train_sequences: must not be negative")
         _require(self.max_val_sequences >= 0, "train.max_val_sequences: must not be negative")
@@ -255,40 +280,45 @@ class TrainConfig:
         _require(0 <= self.label_smoothing < 1, "train.label_smoothing: must be in [0, 1)")
         _require(self.checkpoint_every >= 1, "train.checkpoint_every: must be at least 1")
         _require(self.nproc >= 1, "train.nproc: must be at least 1")
+        return self
 
 
-@dataclasses.dataclass(frozen=True)
+@_section("sample")
 class SampleConfig:
     """Iterative unmasking: steps, order, temperature and classifier-free guidance."""
 
-    steps: int = 20
+    steps: Integer = 20
     mode: typing.Literal["joint", "autoregressive"] = "joint"
-    temperature: float = 1.0
-    guidance: float = 0.0
-    seed: int = 0
+    temperature: Number = 1.0
+    guidance: Number = 0.0
+    seed: Integer = 0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Any:
         _require(self.steps >= 1, "sample.steps: must be at least 1")
         _require(self.temperature >= 0, "sample.temperature: must not be negative")
         _require(self.guidance >= 0, "sample.guidance: must not be negative")
+        return self
 
 
-@dataclasses.dataclass(frozen=True)
+@_section("eval")
 class EvalConfig:
     """How much of the validation split is scored, and how many pictures are drawn."""
 
-    sequences: int = 64
-    batch_size: int = 8
-    samples: int = 4  # sampled futures per sequence: the first is scored as `sampled`, all of them as best-of-N
-    strips: int = 4
-    generations: int = 2
+    sequences: Integer = 64
+    batch_size: Integer = 8
+    samples: Integer = 4  # sampled futures per sequence: the first scored as `sampled`, all as best-of-N
+    strips: Integer = 4
+    generations: Integer = 2
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_ranges(self) -> Any:
         _require(self.sequences >= 1, "eval.sequences: must be at least 1")
         _require(self.batch_size >= 1, "eval.batch_size: must be at least 1")
         _require(self.samples >= 1, "eval.samples: must be at least 1")
         _require(self.strips >= 0, "eval.strips: must not be negative")
         _require(self.generations >= 0, "eval.generations: must not be negative")
+        return self
 
 
 SECTIONS: dict[str, type] = {
@@ -302,13 +332,44 @@ SECTIONS: dict[str, type] = {
 }
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error, not a silent override."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(path: Path, error: yaml.YAMLError) -> str:
+    """A YAML error as one line: where (line, column) and what, without PyYAML's multi-line excerpt."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}: line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if "'\\t'" in problem:
+        problem += " (indent with spaces: YAML forbids tabs)"
+    return f"{where}: not valid YAML: {problem}; fix the file"
+
+
 def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read the raw params file, with a one-line error when it is missing or not a mapping."""
+    """Read the raw params file, with a one-line error when it is missing, not YAML or not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
-    with path.open() as handle:
-        params = yaml.safe_load(handle)
+    try:
+        params = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as error:
+        raise ConfigError(_yaml_problem(path, error)) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a text file (byte {error.start} is not UTF-8)") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the params file ({error.strerror})") from None
     if not isinstance(params, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(params).__name__}")
     return params
