@@ -11,9 +11,9 @@ from typing import Annotated
 
 import typer
 
-from mnist_world import config
+from mnist_world import cli, config
 from mnist_world.actions import build_actions_store
-from mnist_world.store import StoreError, attribute, write_json
+from mnist_world.store import check_writable, integer_attribute, write_json
 
 
 def main(
@@ -34,17 +34,14 @@ def main(
 ) -> None:
     """Actions from the true trajectories (generated data; the tracker is scored against them) or tracked."""
     started = time.perf_counter()
-    try:
-        actions = config.load("actions", params)
-        data = config.load("data", params)
-        frame_size = attribute(tokens, "frame_size")
-        summary = build_actions_store(
-            raw, output, actions, frame_size, data.sequences_per_shard, progress=progress
-        )
-        write_json(report, summary)
-    except (config.ConfigError, StoreError, ValueError, OSError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
+    actions = config.load("actions", params)
+    data = config.load("data", params)
+    check_writable(output, report)
+    frame_size = integer_attribute(tokens, "frame_size")
+    summary = build_actions_store(
+        raw, output, actions, frame_size, data.sequences_per_shard, progress=progress
+    )
+    write_json(report, summary)
     line = f"{output}: actions from {summary['method']}"
     if summary["tracking_error_mean_px"] is not None:
         line += (
@@ -56,4 +53,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    cli.run(main)

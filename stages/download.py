@@ -8,9 +8,9 @@ from typing import Annotated
 
 import typer
 
-from mnist_world import config
-from mnist_world.sources import SourceError, build_raw_store
-from mnist_world.store import StoreError, open_array
+from mnist_world import cli, config
+from mnist_world.sources import build_raw_store
+from mnist_world.store import check_writable, open_array
 
 
 def main(
@@ -29,14 +29,10 @@ def main(
     data.source=file: a local time-first .npy file at data.path, converted.
     """
     started = time.perf_counter()
-    try:
-        data = config.load("data", params)
-        build_raw_store(data, output, progress=progress)
-        frames = open_array(output, "frames", ndim=4)
-    except (config.ConfigError, SourceError, StoreError, OSError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
-    count, length, height, width = frames.shape
+    data = config.load("data", params)
+    check_writable(output)
+    build_raw_store(data, output, progress=progress)
+    count, length, height, width = open_array(output, "frames", ndim=4).shape
     typer.echo(
         f"{output}: {count} sequences of {length} frames {height}x{width} from '{data.source}' "
         f"in {time.perf_counter() - started:.1f} s"
@@ -44,4 +40,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    cli.run(main)

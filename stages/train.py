@@ -9,12 +9,11 @@ from typing import Annotated
 
 import typer
 
-from mnist_world import config
-from mnist_world.checkpoint import CheckpointError
-from mnist_world.dataset import TokenSpec, load_split
-from mnist_world.model import Architecture
-from mnist_world.store import StoreError
-from mnist_world.training import DivergenceError, inside_torchrun, launch_distributed, run_params, train
+from mnist_world import cli, config
+from mnist_world.checkpoint import ModelsLock, recover_set_aside
+from mnist_world.distributed import inside_torchrun, launch_distributed
+from mnist_world.store import check_writable
+from mnist_world.training import fit
 
 
 def main(
@@ -26,7 +25,7 @@ def main(
     output: Annotated[Path, typer.Option(help="Checkpoint folder (last.pt, best.pt, epoch_*.pt).")] = Path(
         "models"
     ),
-    reports: Annotated[Path, typer.Option(help="DVCLive folder: metrics.json and plots.")] = Path(
+    reports: Annotated[Path, typer.Option(help="Training curves: metrics.json and plots.")] = Path(
         "reports/train"
     ),
     fresh: Annotated[bool, typer.Option(help="Ignore and remove existing checkpoints.")] = False,
@@ -34,26 +33,33 @@ def main(
 ) -> None:
     """Train with the `train` params, continuing from OUTPUT/last.pt when it comes from the same run.
 
-    With train.nproc > 1 the command re-launches itself under torchrun (DistributedDataParallel).
+    One process at a time writes OUTPUT (OUTPUT/.lock holds its PID). With train.nproc > 1 the command
+    re-launches itself under torchrun (DistributedDataParallel); the launcher holds the lock for its ranks.
     """
-    try:
-        model_config, train_config = config.load("model", params), config.load("train", params)
-        data_config = config.load("data", params)
-        if train_config.nproc > 1 and not inside_torchrun():
-            raise typer.Exit(launch_distributed(train_config.nproc, __file__, sys.argv[1:]))
-        spec = TokenSpec.from_store(tokens)
-        arch = Architecture.from_config(model_config, spec.levels, spec.frame_size, spec.frames)
-        sizes = (data_config.train_sequences, data_config.val_sequences)
-        train_data = load_split(tokens, actions, "train", *sizes, train_config.max_train_sequences)
-        val_data = load_split(tokens, actions, "val", *sizes, train_config.max_val_sequences)
-        run = run_params(model_config, train_config, data_config)
-        summary = train(train_config, arch, train_data, val_data, output, reports, run, progress, fresh)
-    except (config.ConfigError, StoreError, CheckpointError, DivergenceError, ValueError) as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
+    model_config, train_config = config.load("model", params), config.load("train", params)
+    data_config = config.load("data", params)
+    check_writable(output / "last.pt", reports / "metrics.json")
+
+    def run() -> dict:
+        return fit(
+            model_config, train_config, data_config, tokens, actions, output, reports,
+            progress=progress, fresh=fresh,
+        )  # fmt: skip
+
+    if inside_torchrun():
+        summary = run()  # a rank: the launcher holds the lock
+    else:
+        with ModelsLock(output) as lock:
+            if lock.took_over:
+                typer.echo(f"{lock.path}: taken over from PID {lock.took_over}, which no longer runs")
+            for path in recover_set_aside(output):
+                typer.echo(f"{path}: put back (a killed run had set it aside)")
+            if train_config.nproc > 1:
+                raise typer.Exit(launch_distributed(train_config.nproc, __file__, sys.argv[1:]))
+            summary = run()
     if os.environ.get("RANK", "0") == "0":
         typer.echo(f"{output}: {summary['epoch']} epochs, best val_loss {summary['best_val_loss']:.4f}")
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    cli.run(main)

@@ -85,3 +85,39 @@ def test_token_spec_needs_the_store_attributes(tmp_path: Path) -> None:
         write_sequences(group, "tokens", np.zeros((1, 1, 2, 2), np.uint8), 1)
     with pytest.raises(StoreError, match="missing attribute 'vocab_size'"):
         TokenSpec.from_store(tmp_path / "t.zarr")
+
+
+def test_loads_reject_non_finite_actions_and_tokens_beyond_the_levels(tmp_path: Path) -> None:
+    tokens_path, actions_path, tokens, actions = make_stores(tmp_path)
+    actions[7, 1, 0] = np.nan
+    with create_store(actions_path, {"method": "ground_truth"}) as group:
+        write_sequences(group, "actions", actions, sequences_per_shard=4)
+    load_split(tokens_path, actions_path, "train", 6, 3)  # sequence 7 is not in the train split
+    with pytest.raises(
+        StoreError, match=r"actions\.zarr: sequence 7 holds a non-finite action at frame 1 \("
+    ):
+        load_split(tokens_path, actions_path, "val", 6, 3)
+    dataset = TokenActionDataset(tokens_path, actions_path, "val", 6, 3)
+    dataset[0]
+    with pytest.raises(StoreError, match="sequence 7 holds a non-finite action at frame 1"):
+        dataset[1]
+
+    tokens[3, 2, 7, 7] = 16  # the mask id, never a stored token
+    with create_store(tokens_path, token_attributes(16, 8, 3, "generate")) as group:
+        write_sequences(group, "tokens", tokens, sequences_per_shard=4)
+    with pytest.raises(
+        StoreError, match=r"tokens\.zarr: sequence 3 holds token 16, but the store has 16 levels"
+    ):
+        load_split(tokens_path, actions_path, "train", 6, 3)
+    with pytest.raises(StoreError, match="sequence 3 holds token 16"):
+        TokenActionDataset(tokens_path, actions_path, "train", 6, 3)[3]
+
+
+def test_a_store_whose_shape_contradicts_its_attributes_is_named(tmp_path: Path) -> None:
+    tokens_path, actions_path, tokens, _ = make_stores(tmp_path)
+    with create_store(tokens_path, token_attributes(16, 4, 3, "generate")) as group:  # says 4x4, holds 8x8
+        write_sequences(group, "tokens", tokens, sequences_per_shard=4)
+    with pytest.raises(
+        StoreError, match=r"tokens of shape \(10, 3, 8, 8\), but its attributes say 3 frames of 4x4"
+    ):
+        load_split(tokens_path, actions_path, "train", 6, 3)

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import http.server
 import io
+import socket
 import subprocess
 import sys
 import threading
@@ -357,3 +358,27 @@ def test_stage_writes_the_store(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "6 sequences of 20 frames 64x64 from 'file'" in result.stdout
     assert stored_frames(tmp_path / "out" / "raw.zarr").shape == (6, 20, 64, 64)
+
+
+def test_errors_say_what_to_do(server, tmp_path):
+    server.mode = "missing"
+    with pytest.raises(SourceError, match=r"HTTP 404 Not Found; check data\.url$"):
+        build_raw_store(url_config(server, tmp_path), tmp_path / "raw.zarr", progress=False)
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{probe.getsockname()[1]}/x.npy"
+    with pytest.raises(SourceError, match=r"cannot connect \(.*\); check data\.url and the network"):
+        download(refused, tmp_path / "x.npy", "0" * 64, 10, progress=False)
+
+
+def test_a_download_that_cannot_be_written_is_named_and_resumable(server, tmp_path):
+    config = url_config(server, tmp_path)
+    partial = Path(config.path + ".partial")
+    partial.mkdir(parents=True)  # the partial file cannot be opened for writing: a directory stands there
+    with pytest.raises(
+        SourceError, match=rf"^{partial}: cannot write the download \(.*\); free some space or fix"
+    ):
+        download(config.url, config.path, config.sha256, config.size_bytes, progress=False)
+    partial.rmdir()
+    download(config.url, config.path, config.sha256, config.size_bytes, progress=False)
+    assert Path(config.path).read_bytes() == server.payload

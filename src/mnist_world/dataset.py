@@ -11,9 +11,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import zarr
 
-from mnist_world.store import StoreError, attribute, open_array
+from mnist_world.store import SequenceArray, StoreError, integer_attribute, open_array, repair_advice
 
 Split = Literal["train", "val"]
 SPLITS = ("train", "val")
@@ -32,7 +31,7 @@ class TokenSpec:
     @classmethod
     def from_store(cls, path: str | Path) -> TokenSpec:
         """Read the spec of the token store at `path`, with a one-line error naming a missing attribute."""
-        values = {field.name: int(attribute(path, field.name)) for field in dataclasses.fields(cls)}
+        values = {field.name: integer_attribute(path, field.name) for field in dataclasses.fields(cls)}
         spec = cls(**values)
         if spec.mask_id != spec.levels or spec.vocab_size != spec.levels + 1:
             raise StoreError(
@@ -55,16 +54,48 @@ def split_range(split: str, train_sequences: int, val_sequences: int, total: int
     return range(0, train_sequences) if split == "train" else range(train_sequences, needed)
 
 
-def open_pair(tokens_path: str | Path, actions_path: str | Path) -> tuple[zarr.Array, zarr.Array]:
-    """The token array (N, T, H, W) uint8 and the action array (N, T, 2) float32, checked to match."""
+def open_pair(tokens_path: str | Path, actions_path: str | Path) -> tuple[SequenceArray, SequenceArray]:
+    """The token array (N, T, H, W) uint8 and the action array (N, T, 2) float32, checked to match each
+    other and the token store's attributes."""
     tokens = open_array(tokens_path, "tokens", ndim=4, dtype=np.uint8)
     actions = open_array(actions_path, "actions", ndim=3, dtype=np.float32)
+    spec = TokenSpec.from_store(tokens_path)
+    if tokens.shape[1:] != (spec.frames, spec.frame_size, spec.frame_size):
+        raise StoreError(
+            f"{tokens_path}: tokens of shape {tokens.shape}, but its attributes say {spec.frames} frames of "
+            f"{spec.frame_size}x{spec.frame_size}{repair_advice(tokens_path)}"
+        )
     if actions.shape[2] != 2 or actions.shape[:2] != tokens.shape[:2]:
         raise StoreError(
             f"{actions_path}: actions of shape {actions.shape} do not match the tokens of {tokens_path}, "
             f"shape {tokens.shape} (expected ({tokens.shape[0]}, {tokens.shape[1]}, 2))"
         )
     return tokens, actions
+
+
+def check_values(
+    tokens: np.ndarray, actions: np.ndarray, levels: int, first: int, tokens_path: Path, actions_path: Path
+) -> None:
+    """Raise StoreError naming the store and the first bad sequence when a token id is not below `levels` or
+    an action is not finite. `tokens` (N, T, H, W) and `actions` (N, T, 2) hold sequences first, first+1...
+
+    One vectorised pass over each array: far cheaper than the training it protects.
+    """
+    bad_tokens = np.flatnonzero(tokens.reshape(len(tokens), -1).max(axis=1, initial=0) >= levels)
+    if bad_tokens.size:
+        row = int(bad_tokens[0])
+        raise StoreError(
+            f"{tokens_path}: sequence {first + row} holds token {int(tokens[row].max())}, but the store has "
+            f"{levels} levels (ids 0-{levels - 1}){repair_advice(tokens_path)}"
+        )
+    finite = np.isfinite(actions).reshape(len(actions), -1).all(axis=1)
+    if not finite.all():
+        row = int(np.flatnonzero(~finite)[0])
+        frame = int(np.flatnonzero(~np.isfinite(actions[row]).all(axis=-1))[0])
+        raise StoreError(
+            f"{actions_path}: sequence {first + row} holds a non-finite action at frame {frame} "
+            f"({actions[row, frame].tolist()}){repair_advice(actions_path)}"
+        )
 
 
 def _rows(total: int, split: str, train_sequences: int, val_sequences: int, limit: int) -> range:
@@ -95,13 +126,13 @@ class TokenActionDataset(torch.utils.data.Dataset):
         tokens, actions = open_pair(self.tokens_path, self.actions_path)
         self.rows = _rows(tokens.shape[0], split, train_sequences, val_sequences, limit)
         self.spec = TokenSpec.from_store(self.tokens_path)
-        self._arrays: tuple[zarr.Array, zarr.Array] | None = (tokens, actions)
+        self._arrays: tuple[SequenceArray, SequenceArray] | None = (tokens, actions)
         self._owner = os.getpid()
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _open(self) -> tuple[zarr.Array, zarr.Array]:
+    def _open(self) -> tuple[SequenceArray, SequenceArray]:
         if self._arrays is None or self._owner != os.getpid():
             self._arrays = open_pair(self.tokens_path, self.actions_path)
             self._owner = os.getpid()
@@ -110,10 +141,16 @@ class TokenActionDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, actions = self._open()
         row = self.rows[index]  # IndexError past the end, as a Dataset should
+        item_tokens, item_actions = np.asarray(tokens[row]), np.asarray(actions[row], dtype=np.float32)
+        check_values(item_tokens[None], item_actions[None], self.spec.levels, row, *self.paths)
         return (
-            torch.from_numpy(np.asarray(tokens[row], dtype=np.int64)),  # (T, H, W)
-            torch.from_numpy(np.asarray(actions[row], dtype=np.float32)),  # (T, 2)
+            torch.from_numpy(item_tokens.astype(np.int64)),  # (T, H, W)
+            torch.from_numpy(item_actions),  # (T, 2)
         )
+
+    @property
+    def paths(self) -> tuple[Path, Path]:
+        return self.tokens_path, self.actions_path
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -131,11 +168,13 @@ def load_split(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole split in one read: tokens uint8 (N, T, H, W) and actions float32 (N, T, 2), on the CPU.
 
-    Kept as uint8 (a quarter of int64) so the split fits on a GPU; cast batches with `.long()` there.
+    Kept as uint8 (a quarter of int64) so the split fits on a GPU; cast batches with `.long()` there. Token
+    ids at or above the store's levels and non-finite actions fail here, naming the store and sequence.
     """
     tokens, actions = open_pair(tokens_path, actions_path)
     rows = _rows(tokens.shape[0], split, train_sequences, val_sequences, limit)
     window = slice(rows.start, rows.stop)
-    return torch.from_numpy(np.ascontiguousarray(tokens[window])), torch.from_numpy(
-        np.ascontiguousarray(actions[window])
-    )
+    split_tokens, split_actions = np.ascontiguousarray(tokens[window]), np.ascontiguousarray(actions[window])
+    levels = TokenSpec.from_store(tokens_path).levels
+    check_values(split_tokens, split_actions, levels, rows.start, Path(tokens_path), Path(actions_path))
+    return torch.from_numpy(split_tokens), torch.from_numpy(split_actions)

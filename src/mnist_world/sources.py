@@ -166,17 +166,29 @@ def download(url: str, destination: str | Path, sha256: str, size_bytes: int, pr
     # The checksum covers the resumed prefix too: hash it now, then the new bytes as they arrive.
     digest = _file_sha256(partial) if offset else hashlib.sha256()
     if offset < size_bytes:
-        digest = _fetch(url, partial, offset, size_bytes, digest, progress)
+        try:
+            digest = _fetch(url, partial, offset, size_bytes, digest, progress)
+        except OSError as error:  # writing the partial file (the network's errors are SourceErrors already)
+            raise SourceError(
+                f"{partial}: cannot write the download ({error.strerror or error}); free some space or fix "
+                "the folder's permissions, then run again to resume"
+            ) from None
 
     actual_size = partial.stat().st_size
     if actual_size != size_bytes:
         partial.unlink()
         problem = "truncated download" if actual_size < size_bytes else "download larger than expected"
-        raise SourceError(f"{url}: {problem}, got {actual_size} bytes, expected {size_bytes} (file deleted)")
+        raise SourceError(
+            f"{url}: {problem}, got {actual_size} bytes, expected {size_bytes} (file deleted); check "
+            "data.size_bytes and data.url, then run again"
+        )
     actual = digest.hexdigest()
     if actual != sha256:
         partial.unlink()
-        raise SourceError(f"{url}: checksum mismatch, expected sha256 {sha256}, got {actual} (file deleted)")
+        raise SourceError(
+            f"{url}: checksum mismatch, expected sha256 {sha256}, got {actual} (file deleted); check "
+            "data.sha256 and data.url, then run again"
+        )
     os.replace(partial, destination)
     return destination
 
@@ -191,10 +203,12 @@ def _fetch(url: str, partial: Path, offset: int, size_bytes: int, digest: Any, p
             # The server will not serve our range (the file changed or the partial is bad): start over.
             partial.unlink()
             return _fetch(url, partial, 0, size_bytes, hashlib.sha256(), progress)
-        raise SourceError(f"{url}: HTTP {error.code} {error.reason}") from None
+        raise SourceError(f"{url}: HTTP {error.code} {error.reason}; check data.url") from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise SourceError(f"{url}: cannot connect ({reason})") from None
+        raise SourceError(
+            f"{url}: cannot connect ({reason}); check data.url and the network, or use data.source=generate"
+        ) from None
 
     with response:
         if offset and response.status != 206:

@@ -1,0 +1,110 @@
+"""How every stage fails: one line on stderr that names the thing and what to do, and a non-zero exit.
+
+`run(main)` replaces `typer.run(main)` in the stages. Set MNIST_WORLD_DEBUG=1 to get the traceback instead.
+This module imports nothing else of the project, so that every stage can use it without depending on more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import os
+import signal
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any
+
+import typer
+
+DEBUG = "MNIST_WORLD_DEBUG"
+HINT = f"{DEBUG}=1 shows the traceback"
+MAX_LENGTH = 600  # characters of an error message; beyond that it is a dump, not a message
+ADVICE = {  # errno of an OSError nobody translated -> what to do
+    errno.ENOSPC: "the disk is full: free some space and run again",
+    errno.EDQUOT: "the disk quota is exhausted: free some space and run again",
+    errno.EROFS: "the file system is read-only: write somewhere writable",
+    errno.EACCES: "check the permissions",
+    errno.EPERM: "check the permissions",
+    errno.ENOENT: "check the path",
+}
+
+
+class Terminated(BaseException):
+    """SIGTERM (a `kill`, a scheduler's time limit): unwinds like Ctrl-C, so temporaries are cleaned."""
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_LENGTH else text[: MAX_LENGTH - 3] + "..."
+
+
+def describe(error: BaseException) -> str:
+    """`error` as one line. The project's errors (and ValueError, which its checks raise) already name their
+    subject and say what to do; OSErrors get their file and advice; anything else is flagged as unexpected."""
+    kind = type(error)
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (Ctrl-C); outputs are as they were before this run: run again to redo it"
+    if isinstance(error, Terminated):
+        return "stopped by SIGTERM; outputs are as they were before this run: run again to redo it"
+    if kind.__module__.startswith("mnist_world") or kind is ValueError:
+        return _one_line(str(error) or kind.__name__)
+    if isinstance(error, OSError):
+        reason = error.strerror or str(error) or kind.__name__
+        subject = f"{error.filename}: " if error.filename is not None else ""
+        advice = ADVICE.get(error.errno or 0)
+        return _one_line(f"{subject}{reason}" + (f"; {advice}" if advice else ""))
+    if isinstance(error, MemoryError):
+        return "out of memory: use fewer sequences or a smaller batch (train.batch_size, eval.batch_size)"
+    return _one_line(f"unexpected {kind.__name__}: {error} ({HINT})")
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn any error of the block into `error: <one line>` on stderr and exit status 1 (130 for Ctrl-C,
+    143 for SIGTERM); with MNIST_WORLD_DEBUG=1 the error propagates with its traceback."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, SystemExit):
+        raise
+    except BaseException as error:
+        if debugging():
+            raise
+        typer.echo(f"error: {describe(error)}", err=True)
+        code = 130 if isinstance(error, KeyboardInterrupt) else 143 if isinstance(error, Terminated) else 1
+        raise typer.Exit(code) from None
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+    return f"warning: {_one_line(str(message))}\n"
+
+
+def command(main: Callable[..., Any]) -> Callable[..., Any]:
+    """`main` with `one_line_errors` around it, keeping its signature for typer."""
+
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with one_line_errors():
+            return main(*args, **kwargs)
+
+    return wrapper
+
+
+def run(main: Callable[..., Any]) -> None:
+    """Run a stage's typer command: warnings in one line each, SIGTERM unwinding like Ctrl-C, and every
+    error reported by `one_line_errors`."""
+    if not debugging():
+        warnings.formatwarning = _warning_line
+    if sys.platform != "win32":
+        signal.signal(signal.SIGTERM, _terminate)
+    typer.run(command(main))
