@@ -39,6 +39,7 @@ from mnist_world.checkpoint import (
     discard_set_aside,
     last_good_state,
     load_checkpoint,
+    load_model,
     recover_set_aside,
     restore_set_aside,
     save_checkpoint,
@@ -133,9 +134,7 @@ def snapshot(root: Path, *names: str) -> dict[str, str]:
 def leftovers(folder: Path) -> list[str]:
     """Temporaries of our atomic writes (or of the set-aside) anywhere under `folder`."""
     return sorted(
-        str(p.relative_to(folder))
-        for p in folder.rglob("*")
-        if re.search(r"\.(partial|previous|probe)-", p.name)
+        str(p.relative_to(folder)) for p in folder.rglob("*") if re.search(r"\.(partial|previous)-", p.name)
     )
 
 
@@ -758,6 +757,8 @@ def test_checkpoint_folder_verify_catches_what_load_would_trust(tmp_path):
     load_checkpoint(tmp_path / "nan.pt")  # readable...
     with pytest.raises(CheckpointError, match=r"nan\.pt: weight 'w' holds NaN or infinite values"):
         verify_checkpoint(tmp_path / "nan.pt")  # ...but not to be trusted
+    with pytest.raises(CheckpointError, match=r"nan\.pt: weight 'w' holds NaN or infinite values"):
+        load_model(tmp_path / "nan.pt")  # evaluation would only score NaN
     save_checkpoint(tmp_path / "bare.pt", {"model": {}, "architecture": {}})
     with pytest.raises(CheckpointError, match=r"bare\.pt: incomplete checkpoint \(no params, epoch\)"):
         verify_checkpoint(tmp_path / "bare.pt")

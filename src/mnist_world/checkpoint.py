@@ -134,22 +134,23 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [key for key in REQUIRED if key not in payload]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint (no {', '.join(missing)}); {REMEDY}")
-    weights = payload["model"]
-    if not isinstance(weights, dict):
-        raise CheckpointError(f"{path}: its weights are not a state dict; {REMEDY}")
-    for name, tensor in weights.items():
-        if (
-            isinstance(tensor, torch.Tensor)
-            and tensor.is_floating_point()
-            and not torch.isfinite(tensor).all()
-        ):
-            raise CheckpointError(f"{path}: weight '{name}' holds NaN or infinite values; {REMEDY}")
+    _check_weights(path, payload["model"])
     return payload
 
 
+def _check_weights(path: str | Path, weights: Any) -> None:
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path}: its weights are not a state dict; {REMEDY}")
+    for name, tensor in weights.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not tensor.isfinite().all():
+            raise CheckpointError(f"{path}: weight '{name}' holds NaN or infinite values; {REMEDY}")
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[WorldModel, dict[str, Any]]:
-    """Rebuild the model from the checkpoint alone (its stored architecture) and load its weights."""
+    """Rebuild the model from the checkpoint alone (its stored architecture) and load its weights, which must
+    be finite (a model with NaN weights would only score NaN)."""
     payload = load_checkpoint(path, map_location=device)
+    _check_weights(path, payload.get("model"))
     try:
         model = build_model(Architecture(**payload["architecture"]))
         model.load_state_dict(payload["model"])

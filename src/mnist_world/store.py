@@ -85,14 +85,9 @@ def clean_stale_temporaries(path: str | Path) -> list[Path]:
 
 def _free_space(folder: Path) -> str:
     try:
-        free = shutil.disk_usage(folder).free
+        return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB"
     except OSError:
         return "unknown"
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if free < 1024 or unit == "GiB":
-            return f"{free:.0f} {unit}" if unit == "bytes" else f"{free:.1f} {unit}"
-        free /= 1024
-    return "unknown"  # pragma: no cover
 
 
 def write_failure(path: Path, error: OSError, existed: bool) -> str:
@@ -116,10 +111,10 @@ def _is_write_error(error: BaseException, temporary: Path) -> bool:
     if not isinstance(error, OSError) or error.errno not in WRITE_ERRNOS:
         return False
     # A read of some input inside the block (a permission problem of its own) keeps its own message.
-    name = error.filename
-    return name is None or os.fspath(name).startswith(
-        (os.fspath(temporary), os.fspath(temporary.parent) + os.sep)
-    )
+    if error.filename is None:
+        return True
+    name = os.fspath(error.filename)
+    return name.startswith(os.fspath(temporary)) or name == os.fspath(temporary.parent)
 
 
 def check_writable(*paths: str | Path) -> None:
