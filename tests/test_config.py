@@ -134,3 +134,16 @@ def test_configs_built_in_code_are_checked_too() -> None:
         config.ModelConfig(layerz=3)  # type: ignore[call-arg]
     assert dataclasses.replace(config.TrainConfig(), lr=0.1).lr == 0.1
     assert [field.name for field in dataclasses.fields(config.ModelConfig)][:2] == ["layers", "embed_dim"]
+
+
+def test_every_field_is_checked_strictly() -> None:
+    """A plain `bool`/`int`/`float`/`str` annotation lets pydantic coerce ("yes" -> True, 2.0 -> 2): fields
+    use the module's strict types (Boolean, Integer, Number, Text, Pair), a Literal or a dict of them."""
+    import typing
+
+    for section, cls in config.SECTIONS.items():
+        for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+            origin = typing.get_origin(hint)
+            assert origin in (typing.Annotated, typing.Literal, dict), (
+                f"{section}.{name}: annotate with Boolean, Integer, Number, Text or Pair, not {hint}"
+            )

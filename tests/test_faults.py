@@ -117,6 +117,7 @@ def error_line(result: subprocess.CompletedProcess, status: int = 1) -> str:
     assert len(lines) == 1, result.stderr
     assert result.returncode == status, (result.returncode, result.stderr)
     assert lines[0].startswith("error: ")
+    print(f"exit {result.returncode}: {lines[0]}")  # the case table: pytest -rP tests/test_faults.py
     return lines[0].removeprefix("error: ")
 
 
