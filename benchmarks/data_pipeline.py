@@ -57,8 +57,12 @@ def main(
                 root / "raw.zarr", root / "frames.zarr", token_config, shard, progress=False
             ),
             "quantize": lambda: build_token_store(
-                root / "frames.zarr", root / "tokens.zarr", token_config.levels, shard,
-                train_sequences=min(data.train_sequences, data.num_sequences), progress=False,
+                root / "frames.zarr",
+                root / "tokens.zarr",
+                token_config.levels,
+                shard,
+                train_sequences=min(data.train_sequences, data.num_sequences),
+                progress=False,
             ),  # fmt: skip
             "actions": lambda: actions.build_actions_store(
                 root / "raw.zarr", root / "actions.zarr", action_config, token_config.frame_size, shard, False

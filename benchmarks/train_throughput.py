@@ -30,8 +30,8 @@ from torch import Tensor
 
 from mnist_world.config import ModelConfig, TrainConfig
 from mnist_world.devices import autocast_dtype, cpu_has_native_bf16, resolve_device
+from mnist_world.learner import Learner, configure_optimizer, train_step
 from mnist_world.model import Architecture, SelfAttention, WorldModel, build_model
-from mnist_world.training import Learner, configure_optimizer, train_step
 
 
 class PlainSelfAttention(SelfAttention):

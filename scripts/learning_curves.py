@@ -30,21 +30,13 @@ from mnist_world import config
 from mnist_world.checkpoint import save_checkpoint
 from mnist_world.dataset import load_split
 from mnist_world.distributed import Process
+from mnist_world.learner import Learner, train_step
 from mnist_world.masking import choose_objectives
 from mnist_world.model import Architecture
 from mnist_world.randomness import derived_seed
 from mnist_world.tokens import Vocabulary
-from mnist_world.training import (
-    DROPOUT,
-    MASKS,
-    OBJECTIVES,
-    Learner,
-    Sequences,
-    Validation,
-    epoch_batches,
-    run_params,
-    train_step,
-)
+from mnist_world.training import DROPOUT, MASKS, OBJECTIVES, Sequences, epoch_batches, run_params
+from mnist_world.validation import Validation
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 

@@ -44,7 +44,10 @@ from mnist_world.training import fit
 
 STORES = {"tokens.zarr": "tokens", "frames.zarr": "frames", "actions.zarr": "actions"}
 # What zarr 3 needs beyond the GPU machine's own packages, for its Python (3.12, x86-64).
-WHEELS = ["zarr", "numcodecs", "donfig", "google-crc32c"]
+WHEELS = [
+    "zarr", "numcodecs", "donfig", "google-crc32c",
+    "pydantic", "pydantic-core", "annotated-types", "typing-inspection",  # the params configs
+]  # fmt: skip
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 # The recipe (RECIPE.md), whatever params.yaml's defaults; epochs and batch size are options (50 and 4).
 RECIPE_MODEL = {"layers": 2, "embed_dim": 128, "heads": 4, "mlp_ratio": 4.0, "dropout": 0.1, "patch_size": 1}

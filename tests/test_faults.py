@@ -33,20 +33,22 @@ import zarr
 
 from mnist_world import cli
 from mnist_world.checkpoint import (
-    SET_ASIDE,
     CheckpointError,
-    ModelsLock,
-    discard_set_aside,
-    last_good_state,
     load_checkpoint,
     load_model,
-    recover_set_aside,
-    restore_set_aside,
     save_checkpoint,
-    set_aside,
     verify_checkpoint,
 )
 from mnist_world.dataset import load_split
+from mnist_world.run_folder import (
+    SET_ASIDE,
+    ModelsLock,
+    discard_set_aside,
+    last_good_state,
+    recover_set_aside,
+    restore_set_aside,
+    set_aside,
+)
 from mnist_world.store import StoreError, clean_stale_temporaries, create_store, write_sequences
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -967,10 +969,6 @@ def test_a_diverging_run_fails_in_one_line(workspace):
     assert "non-finite" in line and ("step" in line or "epoch" in line)
 
 
-WIRING = pytest.mark.xfail(strict=True, reason="needs training.py wiring")
-
-
-@WIRING
 def test_a_diverged_run_leaves_the_previous_runs_checkpoints_and_says_where(workspace):
     before = snapshot(workspace, "models", "reports/train")
     set_params(workspace, train__lr=1000.0)
@@ -980,14 +978,12 @@ def test_a_diverged_run_leaves_the_previous_runs_checkpoints_and_says_where(work
     assert not (workspace / "models" / SET_ASIDE).exists()
 
 
-@WIRING
 def test_a_finished_run_rechecks_its_checkpoints(workspace):
     (workspace / "models/best.pt").write_bytes(os.urandom(5000))
     line = error_line(stage(workspace, "train"))
     assert line.startswith("models/best.pt: corrupt or unsafe checkpoint")
 
 
-@WIRING
 def test_a_run_killed_before_its_first_checkpoint_gives_back_the_previous_ones(workspace):
     before = snapshot(workspace, "models")
     set_params(workspace, train__seed=1)  # a different run: the previous checkpoints are set aside
@@ -1113,7 +1109,6 @@ def test_the_advice_for_damaged_stores_and_checkpoints_works(repo):
 
 
 @pytest.mark.slow
-@WIRING
 def test_dvc_repro_never_records_a_corrupt_best_checkpoint(repo):
     lock = (repo / "dvc.lock").read_text()
     (repo / "models/best.pt").write_bytes(os.urandom(5000))

@@ -12,8 +12,13 @@ from mnist_world.masking import causal_mask, identity_mask
 from mnist_world.model import Architecture, build_model, cache_frames
 
 TINY = Architecture(levels=16, frame_size=8, frames=20, layers=1, embed_dim=16, heads=2, dropout=0.1)
-PATCHES = [TINY, *(dataclasses.replace(TINY, patch_size=p) for p in (2, 4))]
-PATCH_IDS = ["p1", "p2", "p4"]
+PATCHES = [
+    TINY,
+    *(dataclasses.replace(TINY, patch_size=p) for p in (2, 4)),
+    dataclasses.replace(TINY, patch_size=2, spatial_bias=True),
+    dataclasses.replace(TINY, patch_size=2, attention="joint"),
+]
+PATCH_IDS = ["p1", "p2", "p4", "p2-bias", "p2-joint"]
 
 
 def inputs(arch: Architecture, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +71,19 @@ def test_a_patch_holds_its_tokens_in_place() -> None:
     assert moved.nonzero().flatten().tolist() == [2 * 4 + 1]
     logits = model(tokens, actions)[0]
     assert not torch.allclose(logits[:, :, 0, 0], logits[:, :, 0, 1])
+
+
+def test_the_spatial_bias_starts_near_and_is_learned_per_offset() -> None:
+    """4x4 positions, 2 heads: head 0 unbiased, head 1 at -distance; a parameter per head and offset."""
+    arch = dataclasses.replace(TINY, patch_size=2, spatial_bias=True)
+    model = build_model(arch)
+    assert model.num_parameters() == build_model(
+        dataclasses.replace(arch, spatial_bias=False)
+    ).num_parameters() + (arch.layers * arch.heads * 7 * 7)
+    bias = model.blocks[0].spatial_bias()  # (heads, 16, 16)
+    assert bias.shape == (2, 16, 16) and not bias[0].any()
+    assert bias[1, 0, 1].item() == -1.0 and bias[1, 0, 5].item() == pytest.approx(-(2**0.5))
+    assert bias[1, 5, 0].item() == bias[1, 15, 10].item()  # the same offset, the same parameter
 
 
 def test_a_patch_size_that_does_not_divide_the_frame_fails() -> None:

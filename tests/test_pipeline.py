@@ -23,7 +23,7 @@ TINY = {
     "model": {"layers": 1, "embed_dim": 16, "heads": 2},
     "train": {"epochs": 2, "max_train_sequences": 8, "max_val_sequences": 4, "checkpoint_every": 1},
     "sample": {"steps": 4},
-    "eval": {"sequences": 4, "batch_size": 4, "strips": 2, "generations": 2},
+    "eval": {"sequences": 4, "batch_size": 4, "samples": 2, "strips": 2, "generations": 2},
 }
 
 pytestmark = pytest.mark.slow
@@ -80,7 +80,8 @@ def test_repro_actions_builds_the_data_stores(repo: Path) -> None:
     assert sum(1 for p in (repo / "data/tokens.zarr").rglob("*") if p.is_file()) < 10
 
     quantize = json.loads((repo / "reports/quantize.json").read_text())
-    assert 0 < quantize["quantization_mse"] < 0.01
+    floor = quantize["quantization"]
+    assert 0 < floor["mean"]["mse"] < floor["centre"]["mse"] < 0.01  # bin means decode closer than centres
     report = json.loads((repo / "reports/actions.json").read_text())
     assert report["tracking_error_mean_px"] < 0.5
 
@@ -99,7 +100,10 @@ def test_exp_run_with_other_frame_size(repo: Path) -> None:
 def test_full_pipeline_experiments_and_diffs(repo: Path) -> None:
     run(repo, "dvc", "repro")
     metrics = json.loads((repo / "reports/eval/metrics.json").read_text())
-    assert {"model", "copy_last", "quantization", "blank"} <= set(metrics)
+    assert {"point", "sampled", "best_of_n", "copy_last", "quantization", "blank"} <= set(metrics)
+    assert metrics["quantization"]["ssim"] > metrics["blank"]["ssim"]
+    train_metrics = json.loads((repo / "reports/train/metrics.json").read_text())
+    assert {"loss", "val_loss", "val_point_vs_blank", "step", "epoch"} <= set(train_metrics)
     assert (repo / "models/best.pt").is_file()
     assert any((repo / "reports/eval/future_pred").glob("*.png"))
     assert any((repo / "reports/eval/generation").glob("*.gif"))
@@ -108,11 +112,11 @@ def test_full_pipeline_experiments_and_diffs(repo: Path) -> None:
 
     run(repo, "dvc", "exp", "run", "-n", "deeper", "-S", "model.layers=2")
     shown = run(repo, "dvc", "exp", "show", "--csv")
-    assert "deeper" in shown and "model.mse" in shown
+    assert "deeper" in shown and "point.mse" in shown
 
     diff = json.loads(run(repo, "dvc", "metrics", "diff", "HEAD", "deeper", "--json"))
     changed = diff["reports/eval/metrics.json"]
-    assert {"model.mse", "model.ssim"} <= set(changed)
+    assert {"point.mse", "sampled.ssim"} <= set(changed)
 
     run(repo, "dvc", "plots", "diff", "HEAD", "deeper", "-o", "comparison")
     page = (repo / "comparison/index.html").read_text()

@@ -26,9 +26,12 @@ LEVELS, SIZE, FRAMES, PAST = 4, 8, 6, 3
 MASK = LEVELS
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["p1", "p2"])
+@pytest.fixture(
+    scope="module", params=[(1, "factorised"), (2, "factorised"), (2, "joint")], ids=["p1", "p2", "p2-joint"]
+)
 def model(request):
-    """Every sampler test runs with one token per position and with 2 x 2 patches."""
+    """Every sampler test runs with one token per position, with 2 x 2 patches, and with joint attention."""
+    patch_size, attention = request.param
     torch.manual_seed(0)
     arch = Architecture(
         levels=LEVELS,
@@ -38,7 +41,8 @@ def model(request):
         embed_dim=16,
         heads=2,
         dropout=0.0,
-        patch_size=request.param,
+        patch_size=patch_size,
+        attention=attention,
     )
     return build_model(arch).eval()
 

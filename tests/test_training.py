@@ -21,19 +21,14 @@ from mnist_world.checkpoint import CheckpointError, load_checkpoint, load_model
 from mnist_world.config import DataConfig, ModelConfig, TrainConfig, as_dict
 from mnist_world.dataset import load_split
 from mnist_world.devices import autocast_dtype
+from mnist_world.learner import Learner, lr_factor
 from mnist_world.masking import make_batch, masked_cross_entropy
 from mnist_world.model import Architecture, build_model
 from mnist_world.randomness import rng_state, set_rng_state
+from mnist_world.run_folder import run_differences
 from mnist_world.store import create_store, write_sequences
 from mnist_world.tokens import bin_centres, token_attributes
-from mnist_world.training import (
-    DivergenceError,
-    Learner,
-    lr_factor,
-    run_differences,
-    run_params,
-    train,
-)
+from mnist_world.training import DivergenceError, run_params, train
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS, FRAMES, SIZE = 16, 4, 8
@@ -172,7 +167,7 @@ def test_warm_up_betas_and_decay_reach_the_optimizer() -> None:
     assert {names[id(p)] for p in undecayed["params"]} == {
         name
         for name, p in learner.model.named_parameters()
-        if p.dim() < 2 or name in ("spatial_position", "temporal_position")
+        if p.dim() < 2 or name in ("spatial_position", "temporal_position") or name.endswith("bias.table")
     }
     assert all(p.dim() == 2 for p in decayed["params"])  # weight matrices and the token embedding
 

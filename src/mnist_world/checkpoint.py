@@ -1,5 +1,5 @@
-"""Self-describing checkpoints: weights plus the architecture and params that produced them, and the folder
-that holds them (one writer at a time, the previous run's checkpoints kept until the new run has its own).
+"""Self-describing checkpoints: weights plus the architecture and params that produced them (the folder of a
+run, with resume and its one writer, is `run_folder`).
 
 Written atomically with a digest of every tensor (a crash never leaves a torn file under the final name, and a
 damaged one is recognised) and read with `torch.load(weights_only=True)`, so loading a checkpoint never
@@ -13,9 +13,7 @@ import hashlib
 import io
 import os
 import pickle
-import shutil
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import torch
@@ -26,8 +24,6 @@ from mnist_world.store import atomic_path
 FORMAT = "mnist_world.checkpoint/1"
 LAST, BEST = "last.pt", "best.pt"
 PATTERNS = (LAST, BEST, "epoch_*.pt")  # the checkpoints of one run
-SET_ASIDE = ".previous-run"  # where a new run keeps the previous run's checkpoints until it has its own
-LOCK = ".lock"  # holds the PID of the one process writing the folder
 REQUIRED = ("model", "architecture", "params", "epoch")  # what the train and evaluate stages rely on
 # What to do about a checkpoint that cannot be trusted, wherever it was met.
 REMEDY = "restore it with `dvc checkout --force models` or retrain with `python stages/train.py --fresh`"
@@ -160,153 +156,3 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Wo
             f"{path}: weights do not match the stored architecture ({first_line})"
         ) from None
     return model.to(device).eval(), payload
-
-
-# --- The folder: the previous run's checkpoints, kept until the new run has its own -------------------------
-
-
-def checkpoints_in(output_dir: str | Path) -> list[Path]:
-    """The checkpoints of the run in `output_dir` (last.pt, best.pt, epoch_*.pt), sorted."""
-    output_dir = Path(output_dir)
-    return sorted({path for pattern in PATTERNS for path in output_dir.glob(pattern) if path.is_file()})
-
-
-def set_aside(output_dir: str | Path) -> Path | None:
-    """Move the checkpoints of `output_dir` into `output_dir/.previous-run/` before a new run starts.
-
-    They stay there until the new run has written its first good checkpoint (`discard_set_aside`) or has
-    failed before that (`restore_set_aside`). Returns the folder, or None when there was nothing to keep.
-    """
-    output_dir = Path(output_dir)
-    recover_set_aside(output_dir)
-    found = checkpoints_in(output_dir)
-    if not found:
-        return None
-    folder = output_dir / SET_ASIDE
-    folder.mkdir()
-    for path in found:
-        path.rename(folder / path.name)
-    return folder
-
-
-def restore_set_aside(output_dir: str | Path) -> list[Path]:
-    """Put the set-aside checkpoints back in place of whatever the failed new run left; the paths restored.
-
-    Nothing happens (and nothing is returned) when nothing was set aside, e.g. once the new run has written
-    its first good checkpoint: that checkpoint is then the last good state.
-    """
-    output_dir = Path(output_dir)
-    folder = output_dir / SET_ASIDE
-    if not folder.is_dir():
-        return []
-    for path in checkpoints_in(output_dir):
-        path.unlink()
-    restored = []
-    for path in sorted(folder.iterdir()):
-        path.rename(output_dir / path.name)
-        restored.append(output_dir / path.name)
-    folder.rmdir()
-    return restored
-
-
-def discard_set_aside(output_dir: str | Path) -> None:
-    """Delete the set-aside checkpoints: the new run has written a good checkpoint of its own."""
-    folder = Path(output_dir) / SET_ASIDE
-    if folder.exists():
-        shutil.rmtree(folder)
-
-
-def recover_set_aside(output_dir: str | Path) -> list[Path]:
-    """After a run that was killed (kill -9, power loss) with checkpoints set aside: restore them when the
-    folder holds no checkpoint of its own, else discard them. Returns the paths restored."""
-    output_dir = Path(output_dir)
-    if not (output_dir / SET_ASIDE).is_dir():
-        return []
-    if checkpoints_in(output_dir):
-        discard_set_aside(output_dir)
-        return []
-    return restore_set_aside(output_dir)
-
-
-def last_good_state(output_dir: str | Path) -> str:
-    """Where the last good state of `output_dir` is, in words: `models/last.pt (epoch 3)`, or that there is
-    none."""
-    path = Path(output_dir) / LAST
-    try:
-        payload = verify_checkpoint(path)
-    except CheckpointError:
-        return f"no usable checkpoint in {output_dir}"
-    return f"{path} (epoch {payload['epoch']})"
-
-
-# --- One writer at a time ----------------------------------------------------------------------------------
-
-
-class ModelsLock:
-    """One writer at a time for a checkpoint folder: `output_dir/.lock`, locked with flock, holds its PID.
-
-    The kernel drops the lock when its process dies, so a lock file left by a killed run (kill -9, power
-    loss) is stale and simply taken over; `took_over` then holds that run's PID. Use as a context manager;
-    the lock file goes when the lock is released.
-    """
-
-    def __init__(self, output_dir: str | Path) -> None:
-        self.output_dir = Path(output_dir)
-        self.path = self.output_dir / LOCK
-        self.took_over: int | None = None
-        self._descriptor: int | None = None
-
-    def owner(self) -> int | None:
-        """The PID written in the lock file, or None when there is none (or it is unreadable)."""
-        try:
-            return int(self.path.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def acquire(self) -> ModelsLock:
-        import fcntl  # POSIX only: imported where a writer needs it, so readers work everywhere
-
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        while True:
-            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(descriptor)
-                owner = self.owner()
-                who = f"PID {owner}" if owner else "another process"
-                stop = f" (kill {owner})" if owner else ""
-                raise CheckpointError(
-                    f"{self.output_dir}: another training run ({who}) is writing here; wait for it to finish "
-                    f"or stop it{stop}, then run again"
-                ) from None
-            # The previous holder may have removed the file between our open and our lock: lock a fresh one.
-            try:
-                current = os.stat(self.path).st_ino == os.fstat(descriptor).st_ino
-            except FileNotFoundError:
-                current = False
-            if current:
-                break
-            os.close(descriptor)
-        previous = os.read(descriptor, 64).split()
-        if previous and previous[0].isdigit() and int(previous[0]) != os.getpid():
-            self.took_over = int(previous[0])  # its process died holding the lock
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
-        self._descriptor = descriptor
-        return self
-
-    def release(self) -> None:
-        if self._descriptor is None:
-            return
-        self.path.unlink(missing_ok=True)  # while still locked: nobody takes a lock on a file about to go
-        os.close(self._descriptor)
-        self._descriptor = None
-
-    def __enter__(self) -> ModelsLock:
-        return self.acquire()
-
-    def __exit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
-    ) -> None:
-        self.release()

@@ -198,6 +198,10 @@ class ModelConfig:
     mlp_ratio: Number = 4.0
     dropout: Number = 0.1
     patch_size: Integer = 1  # p x p tokens per transformer position (1: one token per position, the recipe)
+    spatial_bias: Boolean = False  # a learned bias per head and (dy, dx) offset in spatial attention (Swin's)
+    # factorised: attention within each frame, then across frames at each position (the recipe);
+    # joint: one attention over every position of every frame (causal in time), a single hop for motion
+    attention: typing.Literal["factorised", "joint"] = "factorised"
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Any:

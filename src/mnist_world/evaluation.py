@@ -22,7 +22,7 @@ from mnist_world import pictures
 from mnist_world.action_following import Tracker, follow_actions, mirror, summarize_following
 from mnist_world.checkpoint import CheckpointError, load_model
 from mnist_world.config import EvalConfig, SampleConfig
-from mnist_world.dataset import split_range
+from mnist_world.dataset import check_values, split_range
 from mnist_world.metrics import baselines, frame_metrics, frame_table, overall, per_horizon
 from mnist_world.model import WorldModel
 from mnist_world.randomness import derived_seed
@@ -46,6 +46,7 @@ class Stores:
         self.frames = open_array(frames_path, "frames", ndim=4, dtype=np.float32)
         self.actions = open_array(actions_path, "actions", ndim=3, dtype=np.float32)
         self.vocabulary = Vocabulary.from_store(tokens_path, decode)
+        self.paths = (tokens_path, actions_path)
         arch, vocabulary = model.arch, self.vocabulary
         if (vocabulary.levels, vocabulary.frame_size) != (arch.levels, arch.frame_size):
             size = vocabulary.frame_size
@@ -140,6 +141,7 @@ def evaluate(
         first = run.first + start
         rows = slice(first, run.first + min(start + evaluation.batch_size, run.count))
         tokens, truth, commanded = stores.tokens[rows], stores.frames[rows], stores.actions[rows]
+        check_values(tokens, commanded, stores.vocabulary.levels, first, *stores.paths)
         futures = predict(model, tokens[:, : run.past], commanded, sample, evaluation.samples, first, stores)
         answers = score_answers(futures, truth, tokens, run.past, stores.vocabulary)
         tables.append(frame_table({name: scores for name, (_, scores) in answers.items()}, first))

@@ -33,6 +33,8 @@ class Architecture:
     mlp_ratio: float = 4.0
     dropout: float = 0.1
     patch_size: int = 1
+    spatial_bias: bool = False
+    attention: str = "factorised"  # or "joint": one attention over all positions of all frames
     action_dim: int = 2
 
     def __post_init__(self) -> None:
@@ -83,7 +85,8 @@ class SelfAttention(nn.Module):
     def forward(
         self, x: Tensor, mask: Tensor | None = None, prefix: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        # x: (B', L, D); mask: (L, prefix + L) bool, True where attention is allowed.
+        # x: (B', L, D); mask: (L, prefix + L) bool, True where attention is allowed, or a float bias added
+        # to the scores, (heads, L, L).
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
         if prefix is not None:
             k = torch.cat([prefix[0], k], dim=2)
@@ -93,6 +96,26 @@ class SelfAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = rearrange(out, "b h l d -> b l (h d)")
         return self.proj_dropout(self.proj(out)), (k, v)  # keys/values of prefix + these positions
+
+
+class RelativePositionBias(nn.Module):
+    """A learned bias per head for every (dy, dx) offset between two positions of a frame (Swin's relative
+    position bias), started at -slope * distance (ALiBi's prior, in 2-D; head 0 unbiased): spatial attention
+    starts out looking near, which absolute position embeddings would have to learn first."""
+
+    def __init__(self, side: int, heads: int) -> None:
+        super().__init__()
+        span = torch.arange(-(side - 1), side, dtype=torch.float32)
+        distance = torch.sqrt(span[:, None] ** 2 + span[None, :] ** 2).flatten()  # ((2S-1)^2,) by (dy, dx)
+        slopes = torch.tensor([0.0] + [2.0 ** -(heads - 1 - h) for h in range(1, heads)])  # 0, ..., 1/2, 1
+        self.table = nn.Parameter(-slopes[:, None] * distance[None, :])  # (heads, (2S-1)^2)
+        rows, columns = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        dy = rows.flatten()[:, None] - rows.flatten()[None, :] + side - 1  # (N, N) offsets, shifted to >= 0
+        dx = columns.flatten()[:, None] - columns.flatten()[None, :] + side - 1
+        self.register_buffer("offset", dy * (2 * side - 1) + dx, persistent=False)
+
+    def forward(self) -> Tensor:
+        return self.table[:, self.offset]  # (heads, N, N), added to the attention scores
 
 
 class MLP(nn.Module):
@@ -115,6 +138,8 @@ class SpatioTemporalBlock(nn.Module):
         dim = arch.embed_dim
         self.spatial_norm = nn.LayerNorm(dim)
         self.spatial = SelfAttention(dim, arch.heads, arch.dropout)
+        side = arch.frame_size // arch.patch_size
+        self.spatial_bias = RelativePositionBias(side, arch.heads) if arch.spatial_bias else None
         self.temporal_norm = nn.LayerNorm(dim)
         self.temporal = SelfAttention(dim, arch.heads, arch.dropout)
         self.mlp_norm = nn.LayerNorm(dim)
@@ -125,7 +150,8 @@ class SpatioTemporalBlock(nn.Module):
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         batch, frames, tokens, _ = x.shape  # (B, T, N, D)
         spatial_in = rearrange(self.spatial_norm(x), "b t n d -> (b t) n d")
-        spatial_out, _ = self.spatial(spatial_in)
+        bias = None if self.spatial_bias is None else self.spatial_bias()
+        spatial_out, _ = self.spatial(spatial_in, bias)
         x = x + rearrange(spatial_out, "(b t) n d -> b t n d", b=batch)
 
         temporal_in = rearrange(self.temporal_norm(x), "b t n d -> (b n) t d")
@@ -134,6 +160,36 @@ class SpatioTemporalBlock(nn.Module):
 
         x = x + self.mlp(self.mlp_norm(x))
         return x, keys_values
+
+
+class JointBlock(nn.Module):
+    """Pre-norm residual block with one attention over every position of every frame (under the temporal
+    mask, frame by frame), then MLP: a position reaches a neighbour's past in one hop, where the factorised
+    block needs two (across time, then across space). Its cache has the factorised block's layout."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        dim = arch.embed_dim
+        self.attention_norm = nn.LayerNorm(dim)
+        self.attention = SelfAttention(dim, arch.heads, arch.dropout)
+        self.mlp_norm = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, arch.mlp_ratio, arch.dropout)
+
+    def forward(
+        self, x: Tensor, temporal_mask: Tensor | None, prefix: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        batch, frames, positions, _ = x.shape  # (B, T, N, D)
+        mask = None
+        if temporal_mask is not None:  # (T, P + T) frames -> (T N, (P + T) N) positions, frame-major
+            mask = temporal_mask.repeat_interleave(positions, 0).repeat_interleave(positions, 1)
+        if prefix is not None:
+            prefix = tuple(rearrange(p, "(b n) h f d -> b h (f n) d", b=batch) for p in prefix)
+        attention_in = rearrange(self.attention_norm(x), "b t n d -> b (t n) d")
+        attention_out, (keys, values) = self.attention(attention_in, mask, prefix)
+        x = x + rearrange(attention_out, "b (t n) d -> b t n d", t=frames)
+        x = x + self.mlp(self.mlp_norm(x))
+        cache = tuple(rearrange(p, "b h (f n) d -> (b n) h f d", n=positions) for p in (keys, values))
+        return x, cache
 
 
 class WorldModel(nn.Module):
@@ -152,7 +208,8 @@ class WorldModel(nn.Module):
         self.spatial_position = nn.Parameter(torch.zeros(arch.positions_per_frame, dim))
         self.temporal_position = nn.Parameter(torch.zeros(arch.frames, dim))
         self.embedding_dropout = nn.Dropout(arch.dropout)
-        self.blocks = nn.ModuleList(SpatioTemporalBlock(arch) for _ in range(arch.layers))
+        block = {"factorised": SpatioTemporalBlock, "joint": JointBlock}[arch.attention]
+        self.blocks = nn.ModuleList(block(arch) for _ in range(arch.layers))
         self.final_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, cells * arch.levels)  # the mask token is never a prediction
         self.apply(self._init_weights)

@@ -19,23 +19,24 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from mnist_world.checkpoint import load_checkpoint, save_checkpoint
+from mnist_world.checkpoint import BEST, LAST, load_checkpoint, verify_checkpoint
 from mnist_world.config import DataConfig, ModelConfig, TrainConfig, as_dict
 from mnist_world.dataset import load_split
-from mnist_world.devices import autocast, autocast_dtype, resolve_device
+from mnist_world.devices import autocast_dtype, resolve_device
 from mnist_world.distributed import Process, close_process, init_process
-from mnist_world.masking import MaskedBatch, choose_objectives, make_batch, masked_cross_entropy
-from mnist_world.model import Architecture, WorldModel
-from mnist_world.randomness import derived_seed, rng_state, set_rng_state
-from mnist_world.sampling import point_prediction
+from mnist_world.learner import Learner, train_step
+from mnist_world.masking import choose_objectives
+from mnist_world.model import Architecture
+from mnist_world.randomness import derived_seed, rng_state
+from mnist_world.run_folder import last_good_state, restore_set_aside, save_epoch, start_or_resume
 from mnist_world.tokens import Vocabulary
 from mnist_world.training_log import TrainingLog
+from mnist_world.validation import Validation
 
-LAST, BEST = "last.pt", "best.pt"
 NO_BAD_STEP = 2**62  # "no non-finite loss yet": above any step, so a MIN across ranks finds the first bad one
 # Each random stream has its own seed, derived from (train.seed, stream, epoch, rank...), so that none
 # depends on how much another consumed: a resumed run redraws exactly what it would have drawn.
-SHUFFLE, OBJECTIVES, MASKS, DROPOUT, VALIDATION = range(5)
+SHUFFLE, OBJECTIVES, MASKS, DROPOUT = range(4)  # validation.VALIDATION_STREAM is 4
 
 
 class DivergenceError(RuntimeError):
@@ -66,159 +67,6 @@ def data_fingerprint(*splits: Sequences) -> str:
             digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-# --- Checkpoints and resume ------------------------------------------------------------------------------
-
-
-def _flatten(value: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(value, dict):
-        flat: dict[str, Any] = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-        return flat
-    return {prefix: value}
-
-
-def run_differences(payload: dict[str, Any], expected: dict[str, Any]) -> list[str]:
-    """'key: stored -> now' for each entry of `expected` (params, architecture, data) that differs."""
-    stored = _flatten({key: payload[key] for key in expected if key in payload}, "")
-    wanted = _flatten(expected, "")
-    return [
-        f"{key}: {stored.get(key, '<missing>')!r} -> {wanted.get(key, '<missing>')!r}"
-        for key in sorted(set(stored) | set(wanted))
-        if stored.get(key, "<missing>") != wanted.get(key, "<missing>")
-    ]
-
-
-def checkpoint_files(output_dir: Path, temporaries_only: bool = False) -> list[Path]:
-    """Our checkpoints in `output_dir` and the temporaries a killed writer left (those alone if asked)."""
-    patterns = (".*.partial-*", ".*.previous-*") + (() if temporaries_only else (LAST, BEST, "epoch_*.pt"))
-    return sorted({path for pattern in patterns for path in output_dir.glob(pattern)})
-
-
-def find_resumable(
-    output_dir: Path, expected: dict[str, Any], echo: Callable[[str], None]
-) -> dict[str, Any] | None:
-    """The payload of `output_dir/last.pt` when it was written by this same run, else None (saying why).
-
-    A corrupt or truncated last.pt raises CheckpointError rather than being silently thrown away.
-    """
-    path = output_dir / LAST
-    if not path.exists():
-        return None
-    payload = load_checkpoint(path)
-    differences = run_differences(payload, expected)
-    if differences:
-        shown = "; ".join(differences[:8]) + (
-            f"; and {len(differences) - 8} more" if len(differences) > 8 else ""
-        )
-        echo(f"{path}: written by a different run ({shown}); starting afresh and removing its checkpoints")
-        return None
-    return payload
-
-
-# --- Optimisation ----------------------------------------------------------------------------------------
-
-
-def configure_optimizer(model: WorldModel, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW that decays the weight matrices only (nanoGPT's rule): biases, norms and the position
-    embeddings, whose size says nothing about overfitting, are left undecayed."""
-    decayed, undecayed = [], []
-    for name, parameter in model.named_parameters():
-        is_matrix = parameter.dim() >= 2 and not name.endswith("_position")
-        (decayed if is_matrix else undecayed).append(parameter)
-    groups = [
-        {"params": decayed, "weight_decay": config.weight_decay},
-        {"params": undecayed, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
-
-
-def lr_factor(step: int, config: TrainConfig, total_steps: int) -> float:
-    """The learning rate of optimizer step `step` (0-based) as a multiple of train.lr: linear warm-up over
-    train.warmup_steps, then a cosine decay that reaches train.min_lr when all `total_steps` are done."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    decay_steps = max(1, total_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
-    floor = config.min_lr / config.lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-@dataclasses.dataclass
-class Learner:
-    """The model and everything a checkpoint must hold to continue training it exactly."""
-
-    model: WorldModel
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken
-    best_val_loss: float = math.inf
-    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one record per epoch
-    curve: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the logged rows, by step
-
-    @classmethod
-    def build(
-        cls, arch: Architecture, config: TrainConfig, total_steps: int, device: torch.device
-    ) -> Learner:
-        torch.manual_seed(config.seed)  # identical initial weights on every rank
-        model = WorldModel(arch).to(device)
-        optimizer = configure_optimizer(model, config)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_factor(step, config, total_steps)
-        )
-        return cls(model, optimizer, scheduler)
-
-    def payload(self, expected: dict[str, Any], rng: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            **expected,  # architecture, params, data_fingerprint, vocabulary
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": rng,  # one entry per rank
-            "epoch": self.epoch,
-            "step": self.step,
-            "best_val_loss": self.best_val_loss,
-            "history": self.history,
-            "curve": self.curve,
-            "metrics": self.history[-1],  # this epoch's (in best.pt: the best epoch's)
-        }
-
-    def restore(self, payload: dict[str, Any], rank: int) -> None:
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
-        set_rng_state(payload["rng"][rank])
-        self.epoch, self.step = payload["epoch"], payload["step"]
-        self.best_val_loss = payload["best_val_loss"]
-        self.history, self.curve = list(payload["history"]), list(payload["curve"])
-
-
-def train_step(
-    net: torch.nn.Module,
-    learner: Learner,
-    tokens: Tensor,
-    actions: Tensor,
-    objective: str,
-    config: TrainConfig,
-    masks: torch.Generator,
-    amp: torch.dtype | None,
-) -> Tensor:
-    """One optimizer step on a batch of tokens (B, T, H, W) int64 and actions (B, T, 2); returns the loss
-    (detached, on the device: reading it would make a GPU wait)."""
-    batch = make_batch(objective, tokens, config, learner.model.arch.levels, masks)
-    with autocast(tokens.device, amp):
-        logits, _ = net(batch.inputs, actions, batch.temporal_mask)  # (B, T, H, W, levels)
-    loss, _, _ = masked_cross_entropy(logits, tokens, batch.loss_mask, config.label_smoothing)
-    learner.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(learner.model.parameters(), config.grad_clip)
-    learner.optimizer.step()
-    learner.scheduler.step()
-    learner.step += 1
-    return loss.detach()
 
 
 # --- Data ------------------------------------------------------------------------------------------------
@@ -330,102 +178,7 @@ def stop_if_diverged(first_bad_step: Tensor, epoch: int, process: Process) -> No
         )
 
 
-# --- Validation ------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Validation:
-    """What every epoch is scored on: fixed masks of the future objective over the validation split, and the
-    point prediction of the first train.point_sequences sequences against their decoded true tokens."""
-
-    data: Sequences
-    masked: MaskedBatch
-    intensities: Tensor  # (levels,) the pixel value of each level
-
-    @classmethod
-    def build(
-        cls, data: Sequences, config: TrainConfig, arch: Architecture, intensities: Tensor
-    ) -> Validation:
-        generator = torch.Generator(device=data.tokens.device).manual_seed(
-            derived_seed(config.seed, VALIDATION)
-        )
-        masked = make_batch(
-            "future", data.tokens, dataclasses.replace(config, noise_eta=0.0), arch.levels, generator
-        )
-        return cls(data, masked, intensities.to(data.tokens.device))
-
-    @torch.no_grad()
-    def score(
-        self, model: torch.nn.Module, config: TrainConfig, process: Process, amp: torch.dtype | None
-    ) -> dict[str, float]:
-        """val_loss (future objective, no label smoothing: a true NLL), val_accuracy on the hidden tokens, and
-        val_point_mse and its ratio to the blank frame's, val_point_vs_blank (< 1: better than blank)."""
-        tokens_all, actions_all = self.data
-        device = tokens_all.device
-        totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, correct, count, point, blank
-        indices = torch.arange(process.rank, tokens_all.shape[0], process.world_size, device=device)
-        points = min(config.point_sequences, tokens_all.shape[0])
-        model.eval()
-        for chunk in indices.split(config.batch_size):
-            tokens = tokens_all[chunk].long()
-            with autocast(device, amp):
-                logits, _ = model(
-                    self.masked.inputs[chunk].long(), actions_all[chunk], self.masked.temporal_mask
-                )
-            loss, correct, count = masked_cross_entropy(logits, tokens, self.masked.loss_mask[chunk])
-            totals[:3] += torch.stack([loss.double() * count, correct.double(), count.double()])
-            scored = chunk[chunk < points]
-            if len(scored):
-                past = tokens_all[scored, : config.past_frames]
-                with autocast(device, amp):
-                    point = point_prediction(
-                        model, past, actions_all[scored], self.intensities, model.arch.mask_id
-                    )
-                truth = self.intensities[tokens_all[scored, config.past_frames :].long()]
-                totals[3] += ((point.float() - truth) ** 2).mean(dim=(2, 3)).sum().double()
-                totals[4] += (truth**2).mean(dim=(2, 3)).sum().double()
-        model.train()
-        loss_sum, correct, count, point_error, blank_error = process.sum(totals).tolist()
-        frames = max(points * (tokens_all.shape[1] - config.past_frames), 1)
-        scores = {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
-        if points:
-            scores["val_point_mse"] = point_error / frames
-            scores["val_point_vs_blank"] = point_error / blank_error if blank_error > 0 else math.inf
-        return scores
-
-
 # --- The run --------------------------------------------------------------------------------------------
-
-
-def start_or_resume(
-    learner: Learner,
-    output_dir: Path,
-    expected: dict[str, Any],
-    fresh: bool,
-    process: Process,
-    say: Callable[[str], None],
-) -> None:
-    """Restore `learner` from output_dir/last.pt when it belongs to this run, else clear old checkpoints."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    resumed = None if fresh else find_resumable(output_dir, expected, say)
-    process.barrier()  # every rank has read last.pt before rank 0 may remove it
-    if process.is_main:
-        for path in checkpoint_files(output_dir, temporaries_only=resumed is not None):
-            path.unlink()
-    if resumed is not None:
-        learner.restore(resumed, process.rank)
-        say(f"{output_dir / LAST}: resuming after epoch {learner.epoch}")
-    process.barrier()
-
-
-def save_epoch(output_dir: Path, payload: dict[str, Any], improved: bool, config: TrainConfig) -> None:
-    epoch = payload["epoch"]
-    if improved:
-        save_checkpoint(output_dir / BEST, payload)
-    if epoch % config.checkpoint_every == 0:
-        save_checkpoint(output_dir / f"epoch_{epoch:03d}.pt", payload)
-    # last.pt goes last: it is the resume point, so what it vouches for is on disk before it.
-    save_checkpoint(output_dir / LAST, payload)
 
 
 def train(
@@ -464,6 +217,8 @@ def train(
 
 @dataclasses.dataclass
 class _Run:
+    """One call of `train`: its settings, and the steps from the data to the last checkpoint."""
+
     config: TrainConfig
     arch: Architecture
     process: Process
@@ -485,9 +240,11 @@ class _Run:
         fresh: bool,
         deadline: float | None,
     ) -> dict[str, Any]:
+        """Check the data, build or resume the learner, run the epochs. On a failure before this run's first
+        checkpoint the previous run's checkpoints and curves come back; the error says where the last good
+        state is."""
         config, arch, process = self.config, self.arch, self.process
         device = resolve_device(config.device, process.local_rank)
-        amp = autocast_dtype(config.precision, device)
         if device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # the fp32 work autocast leaves
         train_split = limit(train_split, config.max_train_sequences)
@@ -506,19 +263,50 @@ class _Run:
         learner = Learner.build(arch, config, total_steps, device)
         # Dropout draws from the global generator: give each rank its own stream (a resume restores it).
         torch.manual_seed(derived_seed(config.seed, DROPOUT, process.rank))
-        start_or_resume(learner, output_dir, expected, fresh, process, self.say)
+        try:
+            start_or_resume(learner, output_dir, expected, fresh, process, self.say)
+            # The splits are small (10,000 x 20 x 32 x 32 uint8 = 205 MB at most): keep them on the device.
+            splits = (
+                Sequences(*(tensor.to(device) for tensor in split)) for split in (train_split, val_split)
+            )
+            return self.epochs(learner, expected, *splits, output_dir, reports_dir, progress, deadline)
+        except BaseException as error:
+            if not process.is_main:
+                raise
+            if restore_set_aside(output_dir):  # failed before its first checkpoint: the previous run's stand
+                self.say(f"{output_dir}: the previous run's checkpoints are back in place")
+            if reports_dir and (output_dir / LAST).exists():  # the curves as the last checkpoint left them
+                payload = load_checkpoint(output_dir / LAST)
+                summary = {"best_val_loss": payload["best_val_loss"], "epoch": payload["epoch"]}
+                TrainingLog(reports_dir, payload["curve"]).write(summary)
+            if isinstance(error, DivergenceError):
+                raise DivergenceError(
+                    f"{error}; the last good state is {last_good_state(output_dir)}"
+                ) from None
+            raise
 
-        # The splits are small (10,000 x 20 x 32 x 32 uint8 = 205 MB at most): keep them on the device.
-        train_split = Sequences(*(tensor.to(device) for tensor in train_split))
-        val_split = Sequences(*(tensor.to(device) for tensor in val_split))
+    def epochs(
+        self,
+        learner: Learner,
+        expected: dict[str, Any],
+        train_split: Sequences,
+        val_split: Sequences,
+        output_dir: Path,
+        reports_dir: str | Path | None,
+        progress: bool,
+        deadline: float | None,
+    ) -> dict[str, Any]:
+        """The epochs still to run: train, validate, checkpoint and log each; stop at the deadline."""
+        config, process = self.config, self.process
+        device = train_split.tokens.device
+        amp = autocast_dtype(config.precision, device)
         intensities = torch.tensor(self.vocabulary.intensities, dtype=torch.float32)
-        validation = Validation.build(val_split, config, arch, intensities)
+        validation = Validation.build(val_split, config, self.arch, intensities)
         evaluator: torch.nn.Module = torch.compile(learner.model) if config.compile else learner.model
         net = evaluator
         if process.world_size > 1:
             ids = [device.index] if device.type == "cuda" else None
             net = torch.nn.parallel.DistributedDataParallel(evaluator, device_ids=ids)
-
         log = TrainingLog(reports_dir, learner.curve) if reports_dir and process.is_main else None
 
         def on_log(row: dict[str, Any]) -> None:
@@ -527,12 +315,13 @@ class _Run:
                 log.add(row)
                 log.write()
 
-        if log is not None:
-            log.write()
         if learner.epoch >= config.epochs:
+            verify_checkpoint(output_dir / BEST)  # what evaluation trusts (last.pt was checked on resume)
             self.say(
                 f"{output_dir / LAST}: training already finished ({learner.epoch} epochs); logs rewritten"
             )
+        elif log is not None:
+            log.write()
         for epoch in range(learner.epoch + 1, config.epochs + 1):
             started = time.perf_counter()
             loss = train_epoch(net, learner, train_split, config, epoch, process, amp, progress, on_log)
@@ -561,10 +350,9 @@ class _Run:
                 )
                 break
         last = learner.history[-1] if learner.history else {}
-        summary = {**last, "best_val_loss": learner.best_val_loss, "epoch": learner.epoch}
         if log is not None:
             log.write({"best_val_loss": learner.best_val_loss, "epoch": learner.epoch})
-        return summary
+        return {**last, "best_val_loss": learner.best_val_loss, "epoch": learner.epoch}
 
 
 def fit(
