@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_world.dataset import TokenActionDataset, TokenSpec, load_split, split_range
+from mnist_world.dataset import TokenActionDataset, geometry_of, load_split, split_range
 from mnist_world.store import StoreError, create_store, write_sequences
 from mnist_world.tokens import token_attributes
 
@@ -45,7 +45,9 @@ def test_lazy_reads_equal_the_store(tmp_path: Path) -> None:
     with pytest.raises(IndexError):
         dataset[3]
     assert len(TokenActionDataset(tokens_path, actions_path, "train", 6, 3, limit=4)) == 4
-    assert dataset.spec == TokenSpec(levels=16, mask_id=16, vocab_size=17, frame_size=8, frames=3)
+    vocabulary = dataset.vocabulary
+    assert (vocabulary.levels, vocabulary.mask_id, vocabulary.vocab_size) == (16, 16, 17)
+    assert (vocabulary.frame_size, vocabulary.frames) == (8, 3)
 
 
 def test_dataset_works_in_loader_workers(tmp_path: Path) -> None:
@@ -80,11 +82,11 @@ def test_too_small_and_mismatched_stores_fail_clearly(tmp_path: Path) -> None:
         load_split(tokens_path, short_actions, "train", 6, 3)
 
 
-def test_token_spec_needs_the_store_attributes(tmp_path: Path) -> None:
+def test_the_vocabulary_needs_the_store_attributes(tmp_path: Path) -> None:
     with create_store(tmp_path / "t.zarr", {"levels": 16, "mask_id": 16}) as group:
         write_sequences(group, "tokens", np.zeros((1, 1, 2, 2), np.uint8), 1)
-    with pytest.raises(StoreError, match="missing attribute 'vocab_size'"):
-        TokenSpec.from_store(tmp_path / "t.zarr")
+    with pytest.raises(StoreError, match="missing attribute 'frame_size'"):
+        geometry_of(tmp_path / "t.zarr")
 
 
 def test_loads_reject_non_finite_actions_and_tokens_beyond_the_levels(tmp_path: Path) -> None:

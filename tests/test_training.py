@@ -392,3 +392,17 @@ def test_two_process_ddp_trains_and_checkpoints(tmp_path: Path) -> None:
     assert tsv_steps(tmp_path / "reports", "loss") == [1, 2]
     # Both ranks trained a share: 48 sequences / 2 ranks / batch 4 = 6 steps per epoch and rank.
     assert payload["scheduler"]["last_epoch"] == 12
+
+
+def test_each_epoch_draws_a_fresh_share_of_the_split() -> None:
+    from mnist_world.distributed import Process
+    from mnist_world.training import epoch_batches, steps_per_epoch
+
+    config = dataclasses.replace(CONFIG, sequences_per_epoch=8, batch_size=4)
+    first, second = (
+        torch.cat(epoch_batches(24, config, epoch, Process(), torch.device("cpu"))) for epoch in (1, 2)
+    )
+    assert len(first) == len(second) == 8 and len(set(first.tolist())) == 8
+    assert set(first.tolist()) != set(second.tolist())  # another draw: data the model saw less
+    assert steps_per_epoch(24, config, Process()) == 2
+    assert torch.equal(first, torch.cat(epoch_batches(24, config, 1, Process(), torch.device("cpu"))))

@@ -226,6 +226,7 @@ class TrainConfig:
 
     epochs: Integer = 2
     max_train_sequences: Integer = 0  # use only the first N of the train split (0: all of it)
+    sequences_per_epoch: Integer = 0  # a fresh random draw of this many training sequences per epoch (0: all)
     max_val_sequences: Integer = 0  # validate on only the first N of the validation split (0: all of it)
     batch_size: Integer = 4
     lr: Number = 3e-4
@@ -254,6 +255,7 @@ class TrainConfig:
     def _check_ranges(self) -> Any:
         _require(self.epochs >= 1, "train.epochs: must be at least 1")
         _require(self.max_train_sequences >= 0, "train.max_train_sequences: must not be negative")
+        _require(self.sequences_per_epoch >= 0, "train.sequences_per_epoch: must not be negative")
         _require(self.max_val_sequences >= 0, "train.max_val_sequences: must not be negative")
         _require(self.batch_size >= 1, "train.batch_size: must be at least 1")
         _require(self.lr > 0, "train.lr: must be positive")

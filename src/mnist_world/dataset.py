@@ -4,7 +4,6 @@ for DataLoader workers, and whole-split loads for keeping the data on the GPU.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -12,33 +11,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from mnist_world.store import SequenceArray, StoreError, integer_attribute, open_array, repair_advice
+from mnist_world.store import SequenceArray, StoreError, open_array, repair_advice
+from mnist_world.tokens import Vocabulary
 
 Split = Literal["train", "val"]
 SPLITS = ("train", "val")
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenSpec:
-    """What the model needs to know about a token store, read from its attributes."""
-
-    levels: int  # token ids 0..levels-1
-    mask_id: int  # the id of a hidden token (= levels)
-    vocab_size: int  # levels + 1
-    frame_size: int  # tokens per side of a frame
-    frames: int  # frames per sequence
-
-    @classmethod
-    def from_store(cls, path: str | Path) -> TokenSpec:
-        """Read the spec of the token store at `path`, with a one-line error naming a missing attribute."""
-        values = {field.name: integer_attribute(path, field.name) for field in dataclasses.fields(cls)}
-        spec = cls(**values)
-        if spec.mask_id != spec.levels or spec.vocab_size != spec.levels + 1:
-            raise StoreError(
-                f"{path}: inconsistent token attributes (levels {spec.levels}, mask_id {spec.mask_id}, "
-                f"vocab_size {spec.vocab_size}); expected mask_id = levels and vocab_size = levels + 1"
-            )
-        return spec
+def geometry_of(tokens_path: str | Path) -> Vocabulary:
+    """The token store's vocabulary for its levels and shapes alone: loading needs no decoding, so bin
+    centres stand in for the measured bin means (which stores made outside the pipeline may lack)."""
+    return Vocabulary.from_store(tokens_path, "centre")
 
 
 def split_range(split: str, train_sequences: int, val_sequences: int, total: int) -> range:
@@ -59,11 +42,11 @@ def open_pair(tokens_path: str | Path, actions_path: str | Path) -> tuple[Sequen
     other and the token store's attributes."""
     tokens = open_array(tokens_path, "tokens", ndim=4, dtype=np.uint8)
     actions = open_array(actions_path, "actions", ndim=3, dtype=np.float32)
-    spec = TokenSpec.from_store(tokens_path)
-    if tokens.shape[1:] != (spec.frames, spec.frame_size, spec.frame_size):
+    geometry = geometry_of(tokens_path)
+    if tokens.shape[1:] != (geometry.frames, geometry.frame_size, geometry.frame_size):
         raise StoreError(
-            f"{tokens_path}: tokens of shape {tokens.shape}, but its attributes say {spec.frames} frames of "
-            f"{spec.frame_size}x{spec.frame_size}{repair_advice(tokens_path)}"
+            f"{tokens_path}: tokens of shape {tokens.shape}, but its attributes say {geometry.frames} frames "
+            f"of {geometry.frame_size}x{geometry.frame_size}{repair_advice(tokens_path)}"
         )
     if actions.shape[2] != 2 or actions.shape[:2] != tokens.shape[:2]:
         raise StoreError(
@@ -125,7 +108,7 @@ class TokenActionDataset(torch.utils.data.Dataset):
         self.tokens_path, self.actions_path = Path(tokens_path), Path(actions_path)
         tokens, actions = open_pair(self.tokens_path, self.actions_path)
         self.rows = _rows(tokens.shape[0], split, train_sequences, val_sequences, limit)
-        self.spec = TokenSpec.from_store(self.tokens_path)
+        self.vocabulary = geometry_of(self.tokens_path)
         self._arrays: tuple[SequenceArray, SequenceArray] | None = (tokens, actions)
         self._owner = os.getpid()
 
@@ -142,7 +125,7 @@ class TokenActionDataset(torch.utils.data.Dataset):
         tokens, actions = self._open()
         row = self.rows[index]  # IndexError past the end, as a Dataset should
         item_tokens, item_actions = np.asarray(tokens[row]), np.asarray(actions[row], dtype=np.float32)
-        check_values(item_tokens[None], item_actions[None], self.spec.levels, row, *self.paths)
+        check_values(item_tokens[None], item_actions[None], self.vocabulary.levels, row, *self.paths)
         return (
             torch.from_numpy(item_tokens.astype(np.int64)),  # (T, H, W)
             torch.from_numpy(item_actions),  # (T, 2)
@@ -175,6 +158,6 @@ def load_split(
     rows = _rows(tokens.shape[0], split, train_sequences, val_sequences, limit)
     window = slice(rows.start, rows.stop)
     split_tokens, split_actions = np.ascontiguousarray(tokens[window]), np.ascontiguousarray(actions[window])
-    levels = TokenSpec.from_store(tokens_path).levels
+    levels = geometry_of(tokens_path).levels
     check_values(split_tokens, split_actions, levels, rows.start, Path(tokens_path), Path(actions_path))
     return torch.from_numpy(split_tokens), torch.from_numpy(split_actions)

@@ -19,6 +19,7 @@ from mnist_world.store import (
     bulk_io,
     create_sequence_array,
     create_store,
+    integer_attribute,
     open_array,
     write_blocks,
 )
@@ -79,10 +80,11 @@ class Vocabulary:
         """The vocabulary of the token store at `path`, decoding by `decode` (`mean` or `centre`)."""
         if decode not in DECODE_RULES:
             raise ValueError(f"tokens.decode: unknown rule '{decode}' (known: {', '.join(DECODE_RULES)})")
-        levels, frame_size, frames = (
-            int(attribute(path, name)) for name in ("levels", "frame_size", "frames")
+        levels, frame_size, frames, mask_id, vocab_size = (
+            integer_attribute(path, name)
+            for name in ("levels", "frame_size", "frames", "mask_id", "vocab_size")
         )
-        if int(attribute(path, "mask_id")) != levels or int(attribute(path, "vocab_size")) != levels + 1:
+        if mask_id != levels or vocab_size != levels + 1:
             raise StoreError(
                 f"{path}: inconsistent token attributes; expected mask_id = levels = vocab_size - 1"
             )

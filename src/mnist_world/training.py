@@ -97,19 +97,25 @@ def check_data(split: Sequences, arch: Architecture, name: str, minimum: int) ->
 def epoch_batches(
     count: int, config: TrainConfig, epoch: int, process: Process, device: torch.device
 ) -> list[Tensor]:
-    """This rank's batches of sequence indices for `epoch`, on `device`.
+    """This rank's batches of sequence indices for `epoch`, on `device`: all `count` sequences, or a fresh
+    random draw of train.sequences_per_epoch of them (more epochs, each on data it has seen less).
 
     The permutation is seeded by (seed, epoch) alone, so a resumed run sees the same order; each rank takes
     every world_size-th index of an equal share, so all ranks run the same number of steps.
     """
     generator = torch.Generator().manual_seed(derived_seed(config.seed, SHUFFLE, epoch))
-    order = torch.randperm(count, generator=generator)
-    usable = count // process.world_size * process.world_size
+    order = torch.randperm(count, generator=generator)[: epoch_size(count, config)]
+    usable = len(order) // process.world_size * process.world_size
     return list(order[:usable][process.rank :: process.world_size].to(device).split(config.batch_size))
 
 
+def epoch_size(count: int, config: TrainConfig) -> int:
+    """Training sequences per epoch, of the `count` in the split."""
+    return min(count, config.sequences_per_epoch) if config.sequences_per_epoch else count
+
+
 def steps_per_epoch(count: int, config: TrainConfig, process: Process) -> int:
-    return math.ceil(count // process.world_size / config.batch_size)
+    return math.ceil(epoch_size(count, config) // process.world_size / config.batch_size)
 
 
 # --- One epoch -------------------------------------------------------------------------------------------
