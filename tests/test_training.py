@@ -361,7 +361,8 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     resumed = subprocess.run(stage(tmp_path), cwd=tmp_path, env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after epoch" in resumed.stdout
-    assert tsv_steps(tmp_path / "reports", "val_loss") == [1, 2, 3, 4, 5]  # no duplicated rows
+    # 48 sequences in batches of 4: an epoch is 12 steps; no duplicated rows after the kill
+    assert tsv_steps(tmp_path / "reports", "val_loss") == [12, 24, 36, 48, 60]
 
     reference = tmp_path / "reference"
     data = [
@@ -378,6 +379,20 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_failure_under_ddp_ends_in_one_line(tmp_path: Path) -> None:
+    """Both ranks diverge: one `error:` line (not one per rank), and none of torchrun's traceback."""
+    make_stores(tmp_path)
+    write_params(tmp_path, dataclasses.replace(CONFIG, nproc=2, lr=1e30, warmup_steps=0))
+    result = subprocess.run(
+        stage(tmp_path), cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "non-finite" in errors[0], result.stderr
+
+
+@pytest.mark.slow
 def test_two_process_ddp_trains_and_checkpoints(tmp_path: Path) -> None:
     make_stores(tmp_path)
     write_params(tmp_path, dataclasses.replace(CONFIG, nproc=2))
@@ -389,7 +404,9 @@ def test_two_process_ddp_trains_and_checkpoints(tmp_path: Path) -> None:
     assert payload["epoch"] == 2 and len(payload["rng"]) == 2  # one random state per rank
     assert (tmp_path / "models" / "best.pt").exists()
     assert all(np.isfinite(record["val_loss"]) for record in payload["history"])
-    assert tsv_steps(tmp_path / "reports", "loss") == [1, 2]
+    # Each of the 2 ranks takes 24 of the 48 sequences: 6 steps of 4 an epoch, the loss logged every 2.
+    assert tsv_steps(tmp_path / "reports", "loss") == [2, 4, 6, 8, 10, 12]
+    assert tsv_steps(tmp_path / "reports", "val_loss") == [6, 12]
     # Both ranks trained a share: 48 sequences / 2 ranks / batch 4 = 6 steps per epoch and rank.
     assert payload["scheduler"]["last_epoch"] == 12
 

@@ -87,6 +87,29 @@ def inside_torchrun() -> bool:
 
 
 def launch_distributed(nproc: int, script: str, arguments: Sequence[str]) -> int:
-    """Re-run `script arguments` under torchrun with `nproc` processes; return its exit status."""
+    """Re-run `script arguments` under torchrun with `nproc` processes; return its exit status.
+
+    The ranks' output passes through as it comes, up to the first rank's one-line `error:` or torchrun's
+    own report of a failed rank (its log lines, a traceback, a summary block): only that first `error:`
+    line passes, so a failure under DDP ends in the same one line as in a single process.
+    """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return subprocess.run([*command, script, *arguments], check=False).returncode
+    process = subprocess.Popen([*command, script, *arguments], stderr=subprocess.PIPE, text=True)
+    assert process.stderr is not None
+    failing, said = False, False
+    for line in process.stderr:
+        if line.startswith("error: "):
+            if not said:  # the first rank to fail speaks for all: the others stop because of it
+                sys.stderr.write(line)
+            failing = said = True
+        elif line.startswith("Traceback") or "torch/distributed/elastic" in line:
+            failing = True  # torchrun's report of the failed rank
+        elif not failing:
+            sys.stderr.write(line)
+        sys.stderr.flush()
+    status = process.wait()
+    if status and not said:
+        sys.stderr.write(
+            f"error: a training process failed (torchrun exit {status}); run with train.nproc=1 to see why\n"
+        )
+    return status
