@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from mnist_world.tracking import DIGIT_SIZE, track_ego
+from mnist_world.config import DIGIT_SIZE
+from mnist_world.tracking import track_ego
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,7 @@ import numpy as np
 from skimage.transform import resize
 from tqdm import tqdm
 
-from mnist_world.config import ActionsConfig
+from mnist_world.config import DIGIT_SIZE, ActionsConfig
 from mnist_world.store import (
     StoreError,
     attribute,
@@ -24,7 +24,7 @@ from mnist_world.store import (
     open_array,
     write_blocks,
 )
-from mnist_world.tracking import DIGIT_SIZE, Track, track_ego
+from mnist_world.tracking import Track, track_ego
 
 EGO_RULE = "the digit with the most ink (sum of its pixel values / 255)"
 NORMALISATION = (

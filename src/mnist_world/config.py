@@ -20,6 +20,10 @@ from pydantic_core import PydanticCustomError
 C = TypeVar("C")
 
 
+DIGIT_SIZE = 28  # MNIST digits are 28x28 at the raw canvas resolution: the generator, the tracker and
+# the canvas check depend on it
+
+
 class ConfigError(ValueError):
     """A params section that is missing, has an unknown key, or a value of the wrong type or range."""
 
@@ -132,7 +136,7 @@ class DataConfig:
     frames: Integer = 20
     canvas: Integer = 64
     digits: Integer = 2
-    speed: Number = 0.1  # fraction of the free range (canvas - 28) moved per frame
+    speed: Number = 0.1  # fraction of the free range (canvas - DIGIT_SIZE) moved per frame
     url: Text = "http://www.cs.toronto.edu/~nitish/unsupervised_video/mnist_test_seq.npy"
     sha256: Text = "c2a3e8d3939c001ab77bf543f130157424efa486bb4d0974d2cebb773b13f8b3"
     size_bytes: Integer = 819200096
@@ -145,7 +149,9 @@ class DataConfig:
     def _check_ranges(self) -> Any:
         _require(self.num_sequences > 0, "data.num_sequences: must be positive")
         _require(self.frames >= 2, "data.frames: must be at least 2")
-        _require(self.canvas > 28, "data.canvas: must be larger than a 28x28 digit")
+        _require(
+            self.canvas > DIGIT_SIZE, f"data.canvas: must be larger than a {DIGIT_SIZE}x{DIGIT_SIZE} digit"
+        )
         _require(self.digits >= 1, "data.digits: must be at least 1")
         _require(self.speed > 0, "data.speed: must be positive")
         _require(self.train_sequences > 0, "data.train_sequences: must be positive")

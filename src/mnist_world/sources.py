@@ -18,10 +18,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mnist_world.config import DataConfig
+from mnist_world.config import DIGIT_SIZE, DataConfig
 from mnist_world.store import create_sequence_array, create_store, write_blocks, write_sequences
 
-DIGIT_SIZE = 28  # MNIST digits are 28x28; the generator and the free range depend on it
 CHUNK_BYTES = 1 << 20  # download read size: large enough to be fast, small enough for a smooth progress bar
 
 

@@ -14,7 +14,6 @@ import numpy as np
 import scipy.fft
 from scipy import ndimage
 
-DIGIT_SIZE = 28  # Moving MNIST digits are 28x28 at the raw canvas resolution
 MAX_COMPONENTS = 8  # per frame; a frame of Moving MNIST rarely has more than 3 components
 # Pixels searched around the constant-velocity prediction, each window only where the smaller ones found no
 # exact fit: the prediction is usually within a pixel; a bounce or a bad prediction needs the far window.

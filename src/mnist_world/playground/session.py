@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from mnist_world.config import DIGIT_SIZE
 from mnist_world.playground.dreamer import Dreamer, SamplerSettings
 from mnist_world.playground.protocol import StepRequest, frame_message
 from mnist_world.playground.world import PlaygroundError, World
 from mnist_world.sampling import new_generator, warn_if_unguided
-from mnist_world.tracking import DIGIT_SIZE, track_ego
+from mnist_world.tracking import track_ego
 
 
 @dataclasses.dataclass(frozen=True)
