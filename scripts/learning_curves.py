@@ -154,6 +154,8 @@ def run(
             "architecture": dataclasses.asdict(arch),
             "params": run_params(model_config, train_config, data),
             "vocabulary": dataclasses.asdict(vocabulary),
+            "epoch": epoch,
+            "step": learner.step,
             "curve": rows,
         }
         save_checkpoint(checkpoint, payload)
