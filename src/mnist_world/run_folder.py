@@ -50,9 +50,10 @@ def run_differences(payload: dict[str, Any], expected: dict[str, Any]) -> list[s
     ]
 
 
-def checkpoint_files(output_dir: Path, temporaries_only: bool = False) -> list[Path]:
-    """Our checkpoints in `output_dir` and the temporaries a killed writer left (those alone if asked)."""
-    patterns = (".*.partial-*", ".*.previous-*") + (() if temporaries_only else (LAST, BEST, "epoch_*.pt"))
+def temporaries(output_dir: Path) -> list[Path]:
+    """The temporaries a killed checkpoint writer left in `output_dir` (see `store.atomic_path`); under the
+    folder's lock nobody else is writing them."""
+    patterns = (".*.partial-*", ".*.previous-*")
     return sorted({path for pattern in patterns for path in output_dir.glob(pattern)})
 
 
@@ -91,7 +92,7 @@ def start_or_resume(
     resumed = None if fresh else find_resumable(output_dir, expected, say)
     process.barrier()  # every rank has read last.pt before rank 0 may move it
     if process.is_main:
-        for path in checkpoint_files(output_dir, temporaries_only=True):
+        for path in temporaries(output_dir):
             path.unlink()
         kept = None if resumed is not None else set_aside(output_dir)
         if kept is not None:
