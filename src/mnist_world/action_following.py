@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from mnist_world.config import DIGIT_SIZE
-from mnist_world.tracking import track_ego
+from mnist_world.tracking import Track, track_ego
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +51,13 @@ class Tracker:
             int(attributes["canvas"]),
         )
 
+    def track(self, frames: np.ndarray) -> Track:
+        """The ego digit tracked through frames (N, T, H, W) in [0, 1] at any resolution: the canvas fixes
+        the digits' box size at this one."""
+        pixels = np.rint(np.clip(frames, 0.0, 1.0) * 255).astype(np.uint8)
+        box = DIGIT_SIZE * frames.shape[-1] / self.canvas
+        return track_ego(pixels, self.threshold, self.min_area, self.digits, box=box)
+
 
 def ego_displacements(frames: np.ndarray, tracker: Tracker) -> tuple[np.ndarray, np.ndarray]:
     """Track the ego digit through frames (N, T, H, W) in [0, 1] and return its displacement per frame.
@@ -61,11 +68,7 @@ def ego_displacements(frames: np.ndarray, tracker: Tracker) -> tuple[np.ndarray,
     "found" flag is not returned: at the token resolution a digit's shape changes with its sub-pixel
     phase, so its exact-fit test fails on most true frames too.
     """
-    pixels = np.rint(np.clip(frames, 0.0, 1.0) * 255).astype(np.uint8)
-    box = DIGIT_SIZE * frames.shape[-1] / tracker.canvas
-    track = track_ego(
-        pixels, threshold=tracker.threshold, min_area=tracker.min_area, digits=tracker.digits, box=box
-    )
+    track = tracker.track(frames)
     return np.diff(track.centre, axis=1), track.reference >= 0
 
 

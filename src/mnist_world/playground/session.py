@@ -13,12 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnist_world.config import DIGIT_SIZE
+from mnist_world.action_following import Tracker as EgoTracker
 from mnist_world.playground.dreamer import Dreamer, SamplerSettings
 from mnist_world.playground.protocol import StepRequest, frame_message
 from mnist_world.playground.world import PlaygroundError, World
 from mnist_world.sampling import new_generator, warn_if_unguided
-from mnist_world.tracking import track_ego
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +31,8 @@ class Tracker:
     def centres(self, frames: np.ndarray, canvas: int) -> np.ndarray | None:
         """(T, 2) centres (x, y) in pixels of frames (T, H, W) in [0, 1]; None when no frame shows the ego
         digit apart from the others (then the tracker knows its motion at best, not where it is)."""
-        pixels = np.rint(np.clip(frames, 0.0, 1.0) * 255).astype(np.uint8)[None]  # (1, T, H, W)
-        box = DIGIT_SIZE * frames.shape[-1] / canvas
-        track = track_ego(pixels, self.threshold, self.min_area, self.digits, box=box)
+        tracker = EgoTracker(self.threshold, self.min_area, self.digits, canvas)
+        track = tracker.track(frames[None])  # (1, T, H, W): the evaluation's tracking, for one sequence
         return track.centre[0] if track.reference[0] >= 0 else None
 
 
