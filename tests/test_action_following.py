@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import from_params
 
 from mnist_world.action_following import Tracker, action_following, ego_displacements, mirror
 from mnist_world.actions import actions_from_centres, ego_centres
@@ -16,7 +17,7 @@ from mnist_world.sources import generate_sequences
 def moving():
     """Generated sequences at the token resolution and their true ego actions, as the actions stage defines
     them: the ego digit's displacement from t - 1 to t divided by (W/2, H/2)."""
-    data = DataConfig(num_sequences=24, seed=3)
+    data = from_params(DataConfig, num_sequences=24, seed=3)
     generated = generate_sequences(data, progress=False)
     frames = downsample(generated.frames, 32)  # (N, T, 32, 32)
     centres = ego_centres(generated.centers, generated.ink) * (32 / data.canvas)  # (N, T, 2) token pixels

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import from_params
 from scipy import ndimage
 
 from mnist_world.actions import actions_from_centres, build_actions_store
@@ -67,7 +68,9 @@ def test_actions_from_ground_truth_follow_the_ego_digit(tmp_path: Path) -> None:
     ink = np.array([[50.0, 80.0], [90.0, 60.0]], dtype=np.float32)
     write_raw(tmp_path / "raw.zarr", np.zeros((2, 4, 64, 64), np.uint8), {"centers": centers, "ink": ink})
 
-    report = build_actions_store(tmp_path / "raw.zarr", tmp_path / "a.zarr", ActionsConfig(), 32, 2, False)
+    report = build_actions_store(
+        tmp_path / "raw.zarr", tmp_path / "a.zarr", from_params(ActionsConfig), 32, 2, False
+    )
     actions = open_array(tmp_path / "a.zarr", "actions", ndim=3, dtype=np.float32)[:]
     # Canvas 64 -> tokens 32 halves the steps; dividing by W / 2 = 16 normalises them.
     expected = (
@@ -131,13 +134,15 @@ def test_tracked_actions_without_ground_truth(tmp_path: Path) -> None:
     other_path = [(40, 40 - t) for t in range(6)]
     frames = np.stack([draw([ego_path, other_path], [EGO, OTHER])] * 3)  # (3, T, 64, 64)
     write_raw(tmp_path / "raw.zarr", frames)
-    report = build_actions_store(tmp_path / "raw.zarr", tmp_path / "a.zarr", ActionsConfig(), 32, 2, False)
+    report = build_actions_store(
+        tmp_path / "raw.zarr", tmp_path / "a.zarr", from_params(ActionsConfig), 32, 2, False
+    )
     actions = open_array(tmp_path / "a.zarr", "actions")[:]
     np.testing.assert_allclose(actions, np.broadcast_to([1 / 16, 0], (3, 6, 2)))
     assert report["method"] == "tracking" and report["lost_frames"] == 0
     assert report["tracking_error_mean_px"] is None and report["within_half_px"] is None
     # Tracking at half the canvas: whole-pixel steps there, the same actions here.
-    half = ActionsConfig(tracking_size=32)
+    half = from_params(ActionsConfig, tracking_size=32)
     build_actions_store(tmp_path / "raw.zarr", tmp_path / "half.zarr", half, 32, 2, False)
     np.testing.assert_allclose(open_array(tmp_path / "half.zarr", "actions")[:], actions)
 
@@ -152,10 +157,12 @@ def test_digits_that_never_stand_apart_are_lost_not_fatal() -> None:
 
 
 def test_tracking_error_on_generated_sequences(tmp_path: Path) -> None:
-    generated = generate_sequences(DataConfig(num_sequences=200, seed=0), progress=False)
+    generated = generate_sequences(from_params(DataConfig, num_sequences=200, seed=0), progress=False)
     truth = {name: getattr(generated, name) for name in ("centers", "ink", "labels")}
     write_raw(tmp_path / "raw.zarr", generated.frames, truth)
-    report = build_actions_store(tmp_path / "raw.zarr", tmp_path / "a.zarr", ActionsConfig(), 32, 100, False)
+    report = build_actions_store(
+        tmp_path / "raw.zarr", tmp_path / "a.zarr", from_params(ActionsConfig), 32, 100, False
+    )
     # Measured: mean 0.018 px at 32x32, 99.1% of frames within 0.5 px, 9 sequences whose digits never
     # stand apart. A tracker that interpolated across overlaps scored 0.49 px and 76%.
     assert report["tracking_error_mean_px"] < 0.05
@@ -169,10 +176,12 @@ def test_tracking_size_is_bounded_and_ground_truth_must_match(tmp_path: Path) ->
     write_raw(tmp_path / "raw.zarr", np.zeros((2, 3, 64, 64), np.uint8))
     with pytest.raises(ValueError, match="actions.tracking_size: 128 is larger than 64"):
         build_actions_store(
-            tmp_path / "raw.zarr", tmp_path / "a.zarr", ActionsConfig(tracking_size=128), 32, 2
+            tmp_path / "raw.zarr", tmp_path / "a.zarr", from_params(ActionsConfig, tracking_size=128), 32, 2
         )
     bad = {"centers": np.zeros((2, 4, 2, 2), np.float32), "ink": np.ones((2, 2), np.float32)}
     write_raw(tmp_path / "bad.zarr", np.zeros((2, 3, 64, 64), np.uint8), bad)
     with pytest.raises(StoreError, match="does not match frames"):
-        build_actions_store(tmp_path / "bad.zarr", tmp_path / "a.zarr", ActionsConfig(), 32, 2, False)
+        build_actions_store(
+            tmp_path / "bad.zarr", tmp_path / "a.zarr", from_params(ActionsConfig), 32, 2, False
+        )
     assert not (tmp_path / "a.zarr").exists()

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import from_params, params_section
 
 from mnist_world import config
 from mnist_world.config import ConfigError
@@ -40,12 +41,12 @@ def write(tmp_path: Path, params: dict) -> Path:
 )
 def test_bad_values_name_the_key(tmp_path: Path, section: str, values: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-        config.load(section, write(tmp_path, {section: values}))
+        config.load(section, write(tmp_path, {section: {**params_section(section), **values}}))
 
 
 def test_numbers_written_as_yaml_strings_are_accepted(tmp_path: Path) -> None:
     # PyYAML reads 3e-4 (no dot) as a string; it is still a number to a user.
-    train = config.load("train", write(tmp_path, {"train": {"lr": "3e-4", "min_lr": 0}}))
+    train = config.load("train", write(tmp_path, {"train": params_section("train", lr="3e-4", min_lr=0)}))
     assert train.lr == pytest.approx(3e-4) and train.min_lr == 0.0
 
 
@@ -57,7 +58,7 @@ def test_missing_file_and_section(tmp_path: Path) -> None:
 
 
 def test_configs_are_frozen() -> None:
-    model = config.ModelConfig()
+    model = from_params(config.ModelConfig)
     with pytest.raises(AttributeError):
         model.layers = 3  # type: ignore[misc]
 
@@ -109,15 +110,13 @@ def test_every_message_is_one_line_naming_the_key(
     tmp_path: Path, section: str, values: dict, message: str
 ) -> None:
     with pytest.raises(ConfigError) as caught:
-        config.build(config.SECTIONS[section], section, values)
+        config.build(config.SECTIONS[section], section, {**params_section(section), **values})
     assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
     assert "Input should be" not in str(caught.value)  # pydantic's own wording never reaches the user
 
 
 def test_values_are_converted_losslessly() -> None:
-    train = config.build(
-        config.TrainConfig, "train", {"min_lr": 0, "betas": [0.9, 0.95], "objectives": {"future": 1}}
-    )
+    train = from_params(config.TrainConfig, min_lr=0, betas=[0.9, 0.95], objectives={"future": 1})
     assert (
         isinstance(train.min_lr, float) and train.betas == (0.9, 0.95) and train.objectives == {"future": 1.0}
     )
@@ -129,10 +128,10 @@ def test_configs_built_in_code_are_checked_too() -> None:
     import dataclasses
 
     with pytest.raises(ConfigError, match=r"^train\.lr: must be positive$"):
-        dataclasses.replace(config.TrainConfig(), lr=-1.0)
+        dataclasses.replace(from_params(config.TrainConfig), lr=-1.0)
     with pytest.raises(ConfigError, match=r"^model\.layerz: unknown key"):
         config.ModelConfig(layerz=3)  # type: ignore[call-arg]
-    assert dataclasses.replace(config.TrainConfig(), lr=0.1).lr == 0.1
+    assert dataclasses.replace(from_params(config.TrainConfig), lr=0.1).lr == 0.1
     assert [field.name for field in dataclasses.fields(config.ModelConfig)][:2] == ["layers", "embed_dim"]
 
 
@@ -147,3 +146,13 @@ def test_every_field_is_checked_strictly() -> None:
             assert origin in (typing.Annotated, typing.Literal, dict), (
                 f"{section}.{name}: annotate with Boolean, Integer, Number, Text or Pair, not {hint}"
             )
+
+
+def test_every_key_comes_from_the_params_file() -> None:
+    """No field has a default: a section that lacks a key fails naming it, from params or from code."""
+    values = params_section("model")
+    del values["heads"]
+    with pytest.raises(ConfigError, match=r"^model\.heads: missing$"):
+        config.build(config.ModelConfig, "model", values)
+    with pytest.raises(ConfigError, match=r"^sample\.steps: missing$"):
+        config.SampleConfig()  # type: ignore[call-arg]

@@ -17,6 +17,7 @@ import pytest
 import torch
 import typer
 import yaml
+from conftest import from_params, params_section
 from PIL import Image
 from skimage.metrics import structural_similarity
 from typer.testing import CliRunner
@@ -36,9 +37,9 @@ from mnist_world.tokens import quantize, token_attributes
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, FRAMES, LEVELS, PAST = 16, 6, 8, 3
-DATA = DataConfig(num_sequences=10, frames=FRAMES, seed=2, train_sequences=4, val_sequences=6)
-SAMPLE = SampleConfig(steps=4)
-EVAL = EvalConfig(sequences=5, batch_size=2, samples=3, strips=3, generations=3)
+DATA = from_params(DataConfig, num_sequences=10, frames=FRAMES, seed=2, train_sequences=4, val_sequences=6)
+SAMPLE = from_params(SampleConfig, steps=4)
+EVAL = from_params(EvalConfig, sequences=5, batch_size=2, samples=3, strips=3, generations=3)
 TRACKING = {"threshold": 0.2, "min_area": 4, "size": 64, "digits": 2}
 
 
@@ -279,13 +280,18 @@ def test_a_checkpoint_for_other_tokens_is_rejected(inputs, tmp_path):
 
 def test_more_sequences_than_the_validation_split_is_an_error(inputs, tmp_path):
     with pytest.raises(ValueError, match="eval.sequences=7 exceeds the 6 validation sequences"):
-        run(inputs, tmp_path / "out", evaluation=EvalConfig(sequences=7))
+        run(inputs, tmp_path / "out", evaluation=from_params(EvalConfig, sequences=7))
 
 
 def test_guidance_without_the_individual_objective_warns(inputs, tmp_path):
-    small = EvalConfig(sequences=1, batch_size=1, samples=1, strips=0, generations=0)
+    small = from_params(EvalConfig, sequences=1, batch_size=1, samples=1, strips=0, generations=0)
     with pytest.warns(UserWarning, match="individual"):
-        result = run(inputs, tmp_path / "out", sample=SampleConfig(steps=2, guidance=1.0), evaluation=small)
+        result = run(
+            inputs,
+            tmp_path / "out",
+            sample=from_params(SampleConfig, steps=2, guidance=1.0),
+            evaluation=small,
+        )
     assert result["sequences"] == 1
     assert not list((tmp_path / "out" / "future_pred").iterdir())
 
@@ -308,8 +314,10 @@ def test_the_stage_has_help():
 def test_the_stage_runs_end_to_end_and_fails_in_one_line(inputs, tmp_path):
     params = {
         "sample": as_dict(SAMPLE),
-        "eval": as_dict(EvalConfig(sequences=2, batch_size=2, samples=2, strips=1, generations=1)),
-        "tokens": {"frame_size": SIZE, "levels": LEVELS, "decode": "mean"},
+        "eval": as_dict(
+            from_params(EvalConfig, sequences=2, batch_size=2, samples=2, strips=1, generations=1)
+        ),
+        "tokens": params_section("tokens", frame_size=SIZE, levels=LEVELS, decode="mean"),
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     paths = [f"--{name}={inputs / f'{name}.zarr'}" for name in ("tokens", "frames", "actions")]

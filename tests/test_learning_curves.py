@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from conftest import from_params
 
 from mnist_world.actions import build_actions_store
 from mnist_world.checkpoint import load_model
@@ -29,9 +30,11 @@ def test_a_run_scores_as_it_trains_and_the_chart_is_drawn(tmp_path: Path) -> Non
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     data = build(DataConfig, "data", params["data"])
     build_raw_store(data, tmp_path / "raw.zarr", progress=False)
-    build_frames_store(tmp_path / "raw.zarr", tmp_path / "frames.zarr", TokensConfig(frame_size=8), 4)
+    build_frames_store(
+        tmp_path / "raw.zarr", tmp_path / "frames.zarr", from_params(TokensConfig, frame_size=8), 4
+    )
     build_token_store(tmp_path / "frames.zarr", tmp_path / "tokens.zarr", 16, 4, train_sequences=8)
-    build_actions_store(tmp_path / "raw.zarr", tmp_path / "actions.zarr", ActionsConfig(), 8, 4)
+    build_actions_store(tmp_path / "raw.zarr", tmp_path / "actions.zarr", from_params(ActionsConfig), 8, 4)
 
     run = [sys.executable, str(SCRIPT), "run", "tiny", "--minutes", "0.02", "--every", "0.005"]
     paths = ["--params", str(tmp_path / "params.yaml"), "--tokens", str(tmp_path / "tokens.zarr")]

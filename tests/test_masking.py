@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import from_params
 
 from mnist_world.config import TrainConfig
 from mnist_world.masking import (
@@ -24,7 +25,7 @@ def tokens(batch: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 def config(**overrides: object) -> TrainConfig:
-    return TrainConfig(past_frames=PAST, **overrides)
+    return from_params(TrainConfig, past_frames=PAST, **overrides)
 
 
 def batch_for(objective: str, data: torch.Tensor, seed: int = 0, **overrides: object):
@@ -120,14 +121,16 @@ def test_unknown_objective_and_bad_past_frames_fail() -> None:
     with pytest.raises(ValueError, match="unknown objective"):
         batch_for("sideways", tokens())
     with pytest.raises(ValueError, match="past_frames"):
-        make_batch("future", tokens(), TrainConfig(past_frames=FRAMES), LEVELS, torch.Generator())
+        make_batch(
+            "future", tokens(), from_params(TrainConfig, past_frames=FRAMES), LEVELS, torch.Generator()
+        )
 
 
 def test_objectives_are_drawn_by_weight() -> None:
-    mixture = TrainConfig(objectives={"future": 0.5, "joint": 0.4, "individual": 0.1})
+    mixture = from_params(TrainConfig, objectives={"future": 0.5, "joint": 0.4, "individual": 0.1})
     picks = choose_objectives(mixture, 20000, torch.Generator().manual_seed(0))
     shares = {name: picks.count(name) / len(picks) for name in ("future", "joint", "individual")}
     assert shares == pytest.approx({"future": 0.5, "joint": 0.4, "individual": 0.1}, abs=0.02)
     assert picks == choose_objectives(mixture, 20000, torch.Generator().manual_seed(0))
-    only_future = TrainConfig(objectives={"future": 1.0, "joint": 0.0})
+    only_future = from_params(TrainConfig, objectives={"future": 1.0, "joint": 0.0})
     assert set(choose_objectives(only_future, 100, torch.Generator())) == {"future"}

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import from_params
 
 from mnist_world.config import ModelConfig
 from mnist_world.masking import causal_mask, identity_mask
@@ -42,10 +43,10 @@ def test_logits_cover_every_token_with_the_levels_only(arch: Architecture) -> No
 @pytest.mark.parametrize(
     ("model_config", "expected"),
     [
-        (ModelConfig(), 667_664),  # the recipe's fast model
-        (ModelConfig(layers=6, embed_dim=384), 14_615_056),  # the recipe's full model
-        (ModelConfig(patch_size=2), 582_080),
-        (ModelConfig(patch_size=4), 608_384),
+        (from_params(ModelConfig, patch_size=1), 667_664),  # the recipe's fast model
+        (from_params(ModelConfig, patch_size=1, layers=6, embed_dim=384), 14_615_056),  # the recipe's full
+        (from_params(ModelConfig, patch_size=2), 582_080),
+        (from_params(ModelConfig, patch_size=4), 608_384),
     ],
 )
 def test_parameter_counts_are_exact(model_config: ModelConfig, expected: int) -> None:

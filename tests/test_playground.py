@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import from_params, params_section
 from typer.testing import CliRunner
 
 from mnist_world.actions import actions_from_centres, ego_centres
 from mnist_world.checkpoint import save_checkpoint
-from mnist_world.config import DataConfig
+from mnist_world.config import DataConfig, as_dict
 from mnist_world.frames import downsample
 from mnist_world.model import Architecture, build_model
 from mnist_world.playground.cli import app, gif_frames
@@ -47,8 +48,9 @@ from mnist_world.store import create_store, write_sequences
 from mnist_world.tokens import quantize, token_attributes
 
 SIZE, FRAMES, LEVELS, PAST = 16, 8, 8, 3
-DATA = DataConfig(num_sequences=10, frames=FRAMES, seed=2, train_sequences=4, val_sequences=6)
+DATA = from_params(DataConfig, num_sequences=10, frames=FRAMES, seed=2, train_sequences=4, val_sequences=6)
 SAMPLER = SamplerSettings(steps=3)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- Helpers shared with the browser test ------------------------------------------------------------------
@@ -127,15 +129,6 @@ def call(base: str, path: str, body: dict | None = None) -> tuple[int, dict | by
 
 
 # --- Fixtures ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core machine two threads wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -327,11 +320,10 @@ def test_the_ego_digits_centre_is_tracked_for_the_overlay(world):
 
 def write_params(path: Path, data: DataConfig) -> Path:
     params = {
-        "data": {k: getattr(data, k) for k in ("num_sequences", "frames", "seed", "train_sequences")}
-        | {"val_sequences": data.val_sequences, "digits": data.digits},
-        "tokens": {"frame_size": SIZE, "levels": LEVELS, "decode": "centre"},
-        "actions": {},
-        "sample": {"steps": SAMPLER.steps},
+        "data": as_dict(data),
+        "tokens": params_section("tokens", frame_size=SIZE, levels=LEVELS, decode="centre"),
+        "actions": params_section("actions"),
+        "sample": params_section("sample", steps=SAMPLER.steps),
     }
     path.write_text(yaml.safe_dump(params))
     return path

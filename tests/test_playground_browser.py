@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import from_params
 from test_playground import (
     PAST,
     make_checkpoint,
@@ -28,19 +29,16 @@ from mnist_world.playground.session import Tracker
 from mnist_world.playground.world import ValidationData, World
 
 CHROMIUM = find_chromium()
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found (apt-get install chromium)")
+pytestmark = [
+    pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found (apt-get install chromium)"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 # One digit, so that moving the whole frame moves the ego digit and nothing else.
 SIZE, FRAMES, LEVELS = 32, 8, 8
-ONE_DIGIT = DataConfig(num_sequences=12, frames=FRAMES, seed=3, digits=1, train_sequences=4, val_sequences=8)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+ONE_DIGIT = from_params(
+    DataConfig, num_sequences=12, frames=FRAMES, seed=3, digits=1, train_sequences=4, val_sequences=8
+)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import from_params
 
 from mnist_world.actions import build_actions_store
 from mnist_world.checkpoint import load_model
@@ -39,9 +40,11 @@ def stores(tmp_path: Path) -> tuple[Path, Path]:
     data = build(DataConfig, "data", params["data"])
     folder = tmp_path / "data"
     build_raw_store(data, folder / "raw.zarr", progress=False)
-    build_frames_store(folder / "raw.zarr", folder / "frames.zarr", TokensConfig(frame_size=8), 4)
+    build_frames_store(
+        folder / "raw.zarr", folder / "frames.zarr", from_params(TokensConfig, frame_size=8), 4
+    )
     build_token_store(folder / "frames.zarr", folder / "tokens.zarr", 16, 4, train_sequences=8)
-    build_actions_store(folder / "raw.zarr", folder / "actions.zarr", ActionsConfig(), 8, 4)
+    build_actions_store(folder / "raw.zarr", folder / "actions.zarr", from_params(ActionsConfig), 8, 4)
     return folder, tmp_path / "params.yaml"
 
 

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import from_params
 
 from mnist_world.config import SampleConfig
 from mnist_world.masking import causal_mask
@@ -84,7 +85,7 @@ def test_masked_count_follows_the_cosine_schedule(total, steps):
 @pytest.mark.parametrize("steps", [20, 6])
 def test_joint_mode_masks_exactly_the_schedule_over_all_future_tokens(model, batch, steps):
     history = []
-    run(model, batch, SampleConfig(steps=steps), record=history)
+    run(model, batch, from_params(SampleConfig, steps=steps), record=history)
     total = (FRAMES - PAST) * SIZE * SIZE  # every future token, not one frame's
     assert [step for _, step, _ in history] == list(range(1, steps + 1))
     for (_, step, state), count in zip(history, expected_counts(total, steps), strict=True):
@@ -94,7 +95,7 @@ def test_joint_mode_masks_exactly_the_schedule_over_all_future_tokens(model, bat
 
 def test_joint_mode_never_remasks_a_kept_token(model, batch):
     history = []
-    run(model, batch, SampleConfig(steps=10), record=history)
+    run(model, batch, from_params(SampleConfig, steps=10), record=history)
     states = [state for _, _, state in history]
     for before, after in zip(states, states[1:], strict=False):
         kept = before != MASK
@@ -104,13 +105,13 @@ def test_joint_mode_never_remasks_a_kept_token(model, batch):
 @pytest.mark.parametrize("mode", ["joint", "autoregressive"])
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
 def test_output_has_no_mask_token_and_the_future_shape(model, batch, mode, temperature):
-    future = run(model, batch, SampleConfig(steps=4, mode=mode, temperature=temperature))
+    future = run(model, batch, from_params(SampleConfig, steps=4, mode=mode, temperature=temperature))
     assert future.shape == (3, FRAMES - PAST, SIZE, SIZE)
     assert int(future.min()) >= 0 and int(future.max()) < LEVELS
 
 
 def test_same_seed_same_samples_other_seed_other_samples(model, batch):
-    config = SampleConfig(steps=5)
+    config = from_params(SampleConfig, steps=5)
     assert torch.equal(run(model, batch, config, seed=3), run(model, batch, config, seed=3))
     assert not torch.equal(run(model, batch, config, seed=3), run(model, batch, config, seed=4))
 
@@ -137,14 +138,14 @@ def test_cached_and_uncached_contexts_give_the_same_logits(model, batch):
 
 @pytest.mark.parametrize("mode", ["joint", "autoregressive"])
 def test_cached_and_uncached_decoders_give_the_same_samples(model, batch, mode):
-    config = SampleConfig(steps=6, mode=mode)
+    config = from_params(SampleConfig, steps=6, mode=mode)
     assert torch.equal(run(model, batch, config, cached=True), run(model, batch, config, cached=False))
 
 
 def test_autoregressive_mode_decodes_one_frame_at_a_time(model, batch):
     history = []
     steps = 5
-    future = run(model, batch, SampleConfig(steps=steps, mode="autoregressive"), record=history)
+    future = run(model, batch, from_params(SampleConfig, steps=steps, mode="autoregressive"), record=history)
     frames = [frame for frame, _, _ in history]
     assert frames == [f for f in range(FRAMES - PAST) for _ in range(steps)]
     for frame, step, state in history:
@@ -163,7 +164,7 @@ def test_autoregressive_frames_attend_to_the_past_and_every_frame_decoded_before
         return model(tokens, actions, temporal_mask, cache=cache, start_frame=start_frame)
 
     steps = 3
-    run(recording, batch, SampleConfig(steps=steps, mode="autoregressive"))
+    run(recording, batch, from_params(SampleConfig, steps=steps, mode="autoregressive"))
     expected = [(PAST, 0, (PAST, PAST))]  # the past, encoded once
     for frame in range(FRAMES - PAST):
         context = PAST + frame
@@ -192,17 +193,21 @@ class CountingModel:
 
 
 def test_guidance_zero_is_plain_sampling(model, batch):
-    plain = run(CountingModel(model, forbid_unconditional=True), batch, SampleConfig(steps=5, guidance=0.0))
-    assert torch.equal(plain, run(model, batch, SampleConfig(steps=5)))
+    plain = run(
+        CountingModel(model, forbid_unconditional=True),
+        batch,
+        from_params(SampleConfig, steps=5, guidance=0.0),
+    )
+    assert torch.equal(plain, run(model, batch, from_params(SampleConfig, steps=5)))
     conditional = torch.randn(2, 3)
     assert torch.equal(guide(conditional, torch.randn(2, 3), 0.0), conditional)
 
 
 def test_guidance_uses_the_frames_alone_with_the_identity_mask(model, batch):
     counting = CountingModel(model)
-    guided = run(counting, batch, SampleConfig(steps=5, guidance=2.0))
+    guided = run(counting, batch, from_params(SampleConfig, steps=5, guidance=2.0))
     assert counting.unconditional == [(FRAMES - PAST, None, PAST)] * 5  # no cache, placed after the past
-    assert not torch.equal(guided, run(model, batch, SampleConfig(steps=5)))
+    assert not torch.equal(guided, run(model, batch, from_params(SampleConfig, steps=5)))
     torch.testing.assert_close(guide(torch.tensor([1.0]), torch.tensor([0.25]), 2.0), torch.tensor([2.5]))
 
 
@@ -222,7 +227,7 @@ def test_unconditional_generation_decodes_every_frame(model, batch, mode):
     frames = generate(
         model,
         actions,
-        SampleConfig(steps=4, mode=mode),
+        from_params(SampleConfig, steps=4, mode=mode),
         frame_size=SIZE,
         mask_id=MASK,
         generator=new_generator(0, "cpu"),
@@ -250,7 +255,7 @@ def oracle(truth):
 @pytest.mark.parametrize("cached", [True, False])
 def test_a_model_that_knows_the_future_gets_it_back_exactly(batch, mode, cached):
     tokens, _ = batch
-    config = SampleConfig(steps=5, mode=mode, temperature=0.0, guidance=1.0)
+    config = from_params(SampleConfig, steps=5, mode=mode, temperature=0.0, guidance=1.0)
     future = run(oracle(tokens), batch, config, cached=cached)
     assert torch.equal(future, tokens[:, PAST:])
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from conftest import from_params, params_section
 from skimage.transform import resize
 
 from mnist_world.config import TokensConfig
@@ -84,7 +86,7 @@ def test_uniform_bins_give_every_level_an_equal_share() -> None:
 def test_token_store_attributes_and_quantization_floor(tmp_path: Path) -> None:
     raw = np.random.default_rng(1).integers(0, 256, (5, 3, 8, 8), dtype=np.uint8)
     write_raw(tmp_path / "raw.zarr", raw, source="generate")
-    config = TokensConfig(frame_size=4, levels=8, downsample="area")
+    config = from_params(TokensConfig, frame_size=4, levels=8, downsample="area")
     build_frames_store(tmp_path / "raw.zarr", tmp_path / "frames.zarr", config, 2, progress=False)
     floor = build_token_store(
         tmp_path / "frames.zarr", tmp_path / "tokens.zarr", 8, 2, train_sequences=3, progress=False
@@ -147,10 +149,11 @@ def frames_attributes(path: Path) -> dict:
 def test_stages_write_their_outputs_and_fail_in_one_line(tmp_path: Path) -> None:
     write_raw(tmp_path / "raw.zarr", np.full((4, 2, 8, 8), 128, dtype=np.uint8))
     params = tmp_path / "params.yaml"
-    params.write_text(
-        "data: {sequences_per_shard: 2, train_sequences: 3, val_sequences: 1}\n"
-        "tokens: {frame_size: 4, levels: 16}\n"
-    )
+    sections = {
+        "data": params_section("data", sequences_per_shard=2, train_sequences=3, val_sequences=1),
+        "tokens": params_section("tokens", frame_size=4, levels=16),
+    }
+    params.write_text(yaml.safe_dump(sections))
     run = [sys.executable, str(ROOT / "stages/downsample.py"), "--params", str(params), "--no-progress"]
     done = subprocess.run(
         [*run, "--raw", str(tmp_path / "raw.zarr"), "--output", str(tmp_path / "frames.zarr")],

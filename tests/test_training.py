@@ -9,13 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import from_params
 
 from mnist_world.checkpoint import CheckpointError, load_checkpoint, load_model
 from mnist_world.config import DataConfig, ModelConfig, TrainConfig, as_dict
@@ -32,9 +32,11 @@ from mnist_world.training import DivergenceError, run_params, train
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS, FRAMES, SIZE = 16, 4, 8
-MODEL = ModelConfig(layers=1, embed_dim=16, heads=2, dropout=0.1)  # dropout > 0: resume must restore RNG
+# dropout > 0: resume must restore RNG
+MODEL = from_params(ModelConfig, layers=1, embed_dim=16, heads=2, dropout=0.1)
 ARCH = Architecture.from_config(MODEL, LEVELS, SIZE, FRAMES)
-CONFIG = TrainConfig(
+CONFIG = from_params(
+    TrainConfig,
     epochs=2,
     batch_size=4,
     past_frames=2,
@@ -44,19 +46,16 @@ CONFIG = TrainConfig(
     seed=3,
     log_every=2,
     point_sequences=4,
+    # A short run that learns from its first step: no warm-up, no epoch draw, every validation sequence.
+    lr=3e-4,
+    betas=(0.9, 0.999),
+    warmup_steps=0,
+    sequences_per_epoch=0,
+    max_val_sequences=0,
 )  # 24 training sequences: 6 steps per epoch, the loss logged every 2
-SPLIT = DataConfig(train_sequences=24, val_sequences=8)
+SPLIT = from_params(DataConfig, train_sequences=24, val_sequences=8)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the one_thread fixture, for the stage's processes
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from a second thread, and on a busy 2-core machine every parallel region
-    # would wait for a descheduled thread: 40x slower steps.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sequences(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,7 +317,7 @@ def write_params(root: Path, config: TrainConfig) -> None:
     params = {
         "model": as_dict(MODEL),
         "train": as_dict(config),
-        "data": {"train_sequences": 48, "val_sequences": 8},
+        "data": as_dict(dataclasses.replace(SPLIT, train_sequences=48, val_sequences=8)),
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
@@ -369,7 +368,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(tmp_path: Path) -> None:
         load_split(tmp_path / "tokens.zarr", tmp_path / "actions.zarr", split, 48, 8)
         for split in ("train", "val")
     ]
-    split = DataConfig(train_sequences=48, val_sequences=8)
+    split = from_params(DataConfig, train_sequences=48, val_sequences=8)
     train(config, ARCH, data[0], data[1], reference, None, run_params(MODEL, config, split), progress=False)
     assert_same_weights(last, reference / "last.pt")
     assert (

@@ -1,7 +1,8 @@
 """Frozen configuration objects, one per `params.yaml` section, validated by pydantic.
 
-Each section is read once, checked key by key (unknown keys, wrong types and out-of-range values fail with
-one line naming the key) and then passed down; nothing else in the library reads `params.yaml`.
+Each section is read once, checked key by key (unknown keys, missing keys, wrong types and out-of-range values
+fail with one line naming the key) and then passed down; nothing else in the library reads `params.yaml`.
+No field has a default: `params.yaml` is the one place a value lives.
 """
 
 from __future__ import annotations
@@ -130,20 +131,20 @@ def _require(condition: bool, message: str) -> None:
 class DataConfig:
     """Where raw frames come from, how the generator draws them, and the train/validation split."""
 
-    source: typing.Literal["generate", "url", "file"] = "generate"
-    num_sequences: Integer = 10000
-    seed: Integer = 0
-    frames: Integer = 20
-    canvas: Integer = 64
-    digits: Integer = 2
-    speed: Number = 0.1  # fraction of the free range (canvas - DIGIT_SIZE) moved per frame
-    url: Text = "http://www.cs.toronto.edu/~nitish/unsupervised_video/mnist_test_seq.npy"
-    sha256: Text = "c2a3e8d3939c001ab77bf543f130157424efa486bb4d0974d2cebb773b13f8b3"
-    size_bytes: Integer = 819200096
-    path: Text = "data/mnist_test_seq.npy"
-    train_sequences: Integer = 2000
-    val_sequences: Integer = 500
-    sequences_per_shard: Integer = 1000
+    source: typing.Literal["generate", "url", "file"]
+    num_sequences: Integer
+    seed: Integer
+    frames: Integer
+    canvas: Integer
+    digits: Integer
+    speed: Number  # fraction of the free range (canvas - DIGIT_SIZE) moved per frame
+    url: Text
+    sha256: Text
+    size_bytes: Integer
+    path: Text
+    train_sequences: Integer
+    val_sequences: Integer
+    sequences_per_shard: Integer
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Any:
@@ -164,12 +165,12 @@ class DataConfig:
 class TokensConfig:
     """Downsampling of the raw frames and their uniform quantization into discrete tokens."""
 
-    frame_size: Integer = 32
-    levels: Integer = 16
-    downsample: typing.Literal["area", "bilinear"] = "area"
+    frame_size: Integer
+    levels: Integer
+    downsample: typing.Literal["area", "bilinear"]
     # How tokens become pixels: `mean` (each level's mean intensity over the training split, measured by the
     # quantize stage) or `centre` (the recipe's bin centres, (token + 0.5) / levels)
-    decode: typing.Literal["mean", "centre"] = "mean"
+    decode: typing.Literal["mean", "centre"]
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Any:
@@ -182,9 +183,9 @@ class TokensConfig:
 class ActionsConfig:
     """Ego-centric actions: from ground truth where the source has it, else by tracking."""
 
-    threshold: Number = 0.2  # ink level in [0, 1] above which a pixel belongs to a digit when tracking
-    min_area: Integer = 4  # connected components smaller than this (pixels, tracking resolution) are noise
-    tracking_size: Integer = 64  # resolution the tracker runs at (the raw canvas by default)
+    threshold: Number  # ink level in [0, 1] above which a pixel belongs to a digit when tracking
+    min_area: Integer  # connected components smaller than this (pixels, tracking resolution) are noise
+    tracking_size: Integer  # resolution the tracker runs at (64: the raw canvas)
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Any:
@@ -198,16 +199,16 @@ class ActionsConfig:
 class ModelConfig:
     """Transformer hyper-parameters; frame size, levels and frame count come from the token store."""
 
-    layers: Integer = 2
-    embed_dim: Integer = 128
-    heads: Integer = 4
-    mlp_ratio: Number = 4.0
-    dropout: Number = 0.1
-    patch_size: Integer = 1  # p x p tokens per transformer position (1: one token per position, the recipe)
-    spatial_bias: Boolean = False  # a learned bias per head and (dy, dx) offset in spatial attention (Swin's)
+    layers: Integer
+    embed_dim: Integer
+    heads: Integer
+    mlp_ratio: Number
+    dropout: Number
+    patch_size: Integer  # p x p tokens per transformer position (1: one token per position, the recipe)
+    spatial_bias: Boolean  # a learned bias per head and (dy, dx) offset in spatial attention (Swin's)
     # factorised: attention within each frame, then across frames at each position (the recipe);
     # joint: one attention over every position of every frame (causal in time), a single hop for motion
-    attention: typing.Literal["factorised", "joint"] = "factorised"
+    attention: typing.Literal["factorised", "joint"]
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Any:
@@ -230,32 +231,32 @@ OBJECTIVES = ("future", "joint", "individual")
 class TrainConfig:
     """The training loop, its objectives and its budget."""
 
-    epochs: Integer = 2
-    max_train_sequences: Integer = 0  # use only the first N of the train split (0: all of it)
-    sequences_per_epoch: Integer = 0  # a fresh random draw of this many training sequences per epoch (0: all)
-    max_val_sequences: Integer = 0  # validate on only the first N of the validation split (0: all of it)
-    batch_size: Integer = 4
-    lr: Number = 3e-4
-    min_lr: Number = 1e-6
-    weight_decay: Number = 0.01
-    betas: Pair = (0.9, 0.999)  # AdamW's; CoPilot4D: (0.9, 0.95)
-    warmup_steps: Integer = 0  # linear LR warm-up from 0 before the cosine decay; CoPilot4D: 2000
-    grad_clip: Number = 1.0
-    past_frames: Integer = 10
-    mask_ratio: Pair = (0.5, 1.0)
-    objectives: dict[Text, Number] = dataclasses.field(default_factory=lambda: {"future": 1.0})
-    mask_schedule: typing.Literal["uniform", "cosine"] = "uniform"
-    noise_eta: Number = 0.0  # CoPilot4D: replace up to this share of the unmasked tokens with random ones
-    label_smoothing: Number = 0.0
-    checkpoint_every: Integer = 10
-    log_every: Integer = 10  # training steps between logged loss values
-    point_sequences: Integer = 16  # validation sequences whose point prediction is scored after every epoch
-    device: typing.Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    epochs: Integer
+    max_train_sequences: Integer  # use only the first N of the train split (0: all of it)
+    sequences_per_epoch: Integer  # a fresh random draw of this many training sequences per epoch (0: all)
+    max_val_sequences: Integer  # validate on only the first N of the validation split (0: all of it)
+    batch_size: Integer
+    lr: Number
+    min_lr: Number
+    weight_decay: Number
+    betas: Pair  # AdamW's; CoPilot4D: (0.9, 0.95)
+    warmup_steps: Integer  # linear LR warm-up from 0 before the cosine decay; CoPilot4D: 2000
+    grad_clip: Number
+    past_frames: Integer
+    mask_ratio: Pair
+    objectives: dict[Text, Number]
+    mask_schedule: typing.Literal["uniform", "cosine"]
+    noise_eta: Number  # CoPilot4D: replace up to this share of the unmasked tokens with random ones
+    label_smoothing: Number
+    checkpoint_every: Integer
+    log_every: Integer  # training steps between logged loss values
+    point_sequences: Integer  # validation sequences whose point prediction is scored after every epoch
+    device: typing.Literal["auto", "cpu", "cuda", "mps"]
     # auto: bf16 autocast where the device computes bf16 natively (CUDA, CPUs with AVX512-BF16/AMX), else fp32
-    precision: typing.Literal["auto", "bf16", "fp32"] = "auto"
-    compile: Boolean = False
-    nproc: Integer = 1
-    seed: Integer = 0
+    precision: typing.Literal["auto", "bf16", "fp32"]
+    compile: Boolean
+    nproc: Integer
+    seed: Integer
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Any:
@@ -299,11 +300,11 @@ class TrainConfig:
 class SampleConfig:
     """Iterative unmasking: steps, order, temperature and classifier-free guidance."""
 
-    steps: Integer = 20
-    mode: typing.Literal["joint", "autoregressive"] = "joint"
-    temperature: Number = 1.0
-    guidance: Number = 0.0
-    seed: Integer = 0
+    steps: Integer
+    mode: typing.Literal["joint", "autoregressive"]
+    temperature: Number
+    guidance: Number
+    seed: Integer
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Any:
@@ -317,11 +318,11 @@ class SampleConfig:
 class EvalConfig:
     """How much of the validation split is scored, and how many pictures are drawn."""
 
-    sequences: Integer = 64
-    batch_size: Integer = 8
-    samples: Integer = 4  # sampled futures per sequence: the first scored as `sampled`, all as best-of-N
-    strips: Integer = 4
-    generations: Integer = 2
+    sequences: Integer
+    batch_size: Integer
+    samples: Integer  # sampled futures per sequence: the first scored as `sampled`, all as best-of-N
+    strips: Integer
+    generations: Integer
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Any:
