@@ -15,14 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from conftest import from_params, params_section
 
 from mnist_world.config import DataConfig
+from mnist_world.download import DownloadError, download
 from mnist_world.sources import (
     DIGIT_SIZE,
     SourceError,
     bounce_trajectories,
     build_raw_store,
-    download,
     generate_sequences,
     load_canonical_npy,
     load_mnist_digits,
@@ -42,7 +44,9 @@ def canonical_bytes(shape: tuple[int, ...] = (20, SEQUENCES, 64, 64), dtype: str
 
 
 def tiny_config(**changes) -> DataConfig:
-    base = DataConfig(num_sequences=SEQUENCES, train_sequences=4, val_sequences=2, sequences_per_shard=4)
+    base = from_params(
+        DataConfig, num_sequences=SEQUENCES, train_sequences=4, val_sequences=2, sequences_per_shard=4
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -229,7 +233,7 @@ def test_url_resumes_after_a_cut_connection(server, tmp_path):
     server.mode = "cut-once"
     config = url_config(server, tmp_path)
     partial = Path(config.path + ".partial")
-    with pytest.raises(SourceError, match="connection lost.*resume"):
+    with pytest.raises(DownloadError, match="connection lost.*resume"):
         build_raw_store(config, tmp_path / "raw.zarr", progress=False)
     assert partial.stat().st_size == len(server.payload) // 2
     assert not Path(config.path).exists() and not (tmp_path / "raw.zarr").exists()
@@ -244,7 +248,7 @@ def test_url_resumes_after_a_cut_connection(server, tmp_path):
 def test_url_starts_over_when_the_server_ignores_range(server, tmp_path):
     server.mode = "cut-once"
     config = url_config(server, tmp_path)
-    with pytest.raises(SourceError, match="connection lost"):
+    with pytest.raises(DownloadError, match="connection lost"):
         download(config.url, config.path, config.sha256, config.size_bytes, progress=False)
     server.mode = "ignore-range"
     download(config.url, config.path, config.sha256, config.size_bytes, progress=False)
@@ -253,7 +257,7 @@ def test_url_starts_over_when_the_server_ignores_range(server, tmp_path):
 
 def test_url_checksum_mismatch_leaves_nothing(server, tmp_path):
     config = dataclasses.replace(url_config(server, tmp_path), sha256="0" * 64)
-    with pytest.raises(SourceError, match=f"{server.url}: checksum mismatch, expected sha256 0+"):
+    with pytest.raises(DownloadError, match=f"{server.url}: checksum mismatch, expected sha256 0+"):
         build_raw_store(config, tmp_path / "raw.zarr", progress=False)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["cache"]  # no file, no partial, no store
 
@@ -261,14 +265,14 @@ def test_url_checksum_mismatch_leaves_nothing(server, tmp_path):
 def test_url_truncated_body_is_an_error(server, tmp_path):
     server.mode = "short"
     config = url_config(server, tmp_path)
-    with pytest.raises(SourceError, match=f"truncated download, got {len(server.payload) - 1000} bytes"):
+    with pytest.raises(DownloadError, match=f"truncated download, got {len(server.payload) - 1000} bytes"):
         build_raw_store(config, tmp_path / "raw.zarr", progress=False)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["cache"]
 
 
 def test_url_http_error_names_the_status(server, tmp_path):
     server.mode = "missing"
-    with pytest.raises(SourceError, match="HTTP 404"):
+    with pytest.raises(DownloadError, match="HTTP 404"):
         build_raw_store(url_config(server, tmp_path), tmp_path / "raw.zarr", progress=False)
     assert not (tmp_path / "raw.zarr").exists()
 
@@ -278,7 +282,7 @@ def test_a_corrupt_partial_prefix_fails_the_checksum(server, tmp_path):
     partial = Path(config.path + ".partial")
     partial.parent.mkdir()
     partial.write_bytes(b"x" * 1000)  # resumable-looking, but not the server's bytes
-    with pytest.raises(SourceError, match="checksum mismatch"):
+    with pytest.raises(DownloadError, match="checksum mismatch"):
         download(config.url, config.path, config.sha256, config.size_bytes, progress=False)
     assert server.ranges == ["bytes=1000-"]
     assert not partial.exists() and not Path(config.path).exists()
@@ -331,8 +335,8 @@ def test_file_source_rejects_missing_and_foreign_files(tmp_path):
         load_canonical_npy(tmp_path / "text.npy")
 
 
-def run_stage(tmp_path: Path, data: str) -> subprocess.CompletedProcess:
-    (tmp_path / "params.yaml").write_text(f"data:\n{data}")
+def run_stage(tmp_path: Path, **data: object) -> subprocess.CompletedProcess:
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": params_section("data", **data)}))
     command = [
         sys.executable,
         str(STAGE),
@@ -346,7 +350,7 @@ def run_stage(tmp_path: Path, data: str) -> subprocess.CompletedProcess:
 
 
 def test_stage_fails_with_one_line_and_no_output(tmp_path):
-    result = run_stage(tmp_path, "  source: file\n  path: absent.npy\n  num_sequences: 6\n")
+    result = run_stage(tmp_path, source="file", path="absent.npy", num_sequences=6)
     assert result.returncode != 0
     assert result.stderr.strip() == "error: absent.npy: file not found (data.path)"
     assert not (tmp_path / "out").exists()
@@ -354,7 +358,7 @@ def test_stage_fails_with_one_line_and_no_output(tmp_path):
 
 def test_stage_writes_the_store(tmp_path):
     (tmp_path / "canonical.npy").write_bytes(canonical_bytes())
-    result = run_stage(tmp_path, "  source: file\n  path: canonical.npy\n  num_sequences: 6\n")
+    result = run_stage(tmp_path, source="file", path="canonical.npy", num_sequences=6)
     assert result.returncode == 0, result.stderr
     assert "6 sequences of 20 frames 64x64 from 'file'" in result.stdout
     assert stored_frames(tmp_path / "out" / "raw.zarr").shape == (6, 20, 64, 64)
@@ -362,12 +366,12 @@ def test_stage_writes_the_store(tmp_path):
 
 def test_errors_say_what_to_do(server, tmp_path):
     server.mode = "missing"
-    with pytest.raises(SourceError, match=r"HTTP 404 Not Found; check data\.url$"):
+    with pytest.raises(DownloadError, match=r"HTTP 404 Not Found; check data\.url$"):
         build_raw_store(url_config(server, tmp_path), tmp_path / "raw.zarr", progress=False)
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         refused = f"http://127.0.0.1:{probe.getsockname()[1]}/x.npy"
-    with pytest.raises(SourceError, match=r"cannot connect \(.*\); check data\.url and the network"):
+    with pytest.raises(DownloadError, match=r"cannot connect \(.*\); check data\.url and the network"):
         download(refused, tmp_path / "x.npy", "0" * 64, 10, progress=False)
 
 
@@ -376,7 +380,7 @@ def test_a_download_that_cannot_be_written_is_named_and_resumable(server, tmp_pa
     partial = Path(config.path + ".partial")
     partial.mkdir(parents=True)  # the partial file cannot be opened for writing: a directory stands there
     with pytest.raises(
-        SourceError, match=rf"^{partial}: cannot write the download \(.*\); free some space or fix"
+        DownloadError, match=rf"^{partial}: cannot write the download \(.*\); free some space or fix"
     ):
         download(config.url, config.path, config.sha256, config.size_bytes, progress=False)
     partial.rmdir()

