@@ -39,7 +39,8 @@ from mnist_world import config
 from mnist_world.checkpoint import load_checkpoint
 from mnist_world.devices import resolve_device
 from mnist_world.evaluation import evaluate
-from mnist_world.store import create_store, open_array, open_store, write_json, write_sequences
+from mnist_world.atomic import write_json
+from mnist_world.store import create_store, open_array, open_store, write_sequences
 from mnist_world.training import fit
 
 STORES = {"tokens.zarr": "tokens", "frames.zarr": "frames", "actions.zarr": "actions"}

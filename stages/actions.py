@@ -13,7 +13,8 @@ import typer
 
 from mnist_world import cli, config
 from mnist_world.actions import build_actions_store
-from mnist_world.store import check_writable, integer_attribute, write_json
+from mnist_world.atomic import check_writable, write_json
+from mnist_world.store import integer_attribute
 
 
 def main(

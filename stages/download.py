@@ -9,8 +9,9 @@ from typing import Annotated
 import typer
 
 from mnist_world import cli, config
+from mnist_world.atomic import check_writable
 from mnist_world.sources import build_raw_store
-from mnist_world.store import check_writable, open_array
+from mnist_world.store import open_array
 
 
 def main(

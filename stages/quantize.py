@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from mnist_world import cli, config
-from mnist_world.store import check_writable, write_json
+from mnist_world.atomic import check_writable, write_json
 from mnist_world.tokens import build_token_store
 
 

@@ -32,6 +32,7 @@ import yaml
 import zarr
 
 from mnist_world import cli
+from mnist_world.atomic import clean_stale_temporaries
 from mnist_world.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -49,7 +50,7 @@ from mnist_world.run_folder import (
     restore_set_aside,
     set_aside,
 )
-from mnist_world.store import StoreError, clean_stale_temporaries, create_store, write_sequences
+from mnist_world.store import StoreError, create_store, write_sequences
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -7,18 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_world.store import (
-    StoreError,
-    WriteError,
-    atomic_path,
-    check_writable,
-    clean_stale_temporaries,
-    create_store,
-    integer_attribute,
-    open_array,
-    write_json,
-    write_sequences,
-)
+from mnist_world.atomic import WriteError, atomic_path, check_writable, clean_stale_temporaries, write_json
+from mnist_world.store import StoreError, create_store, integer_attribute, open_array, write_sequences
 
 
 def test_sequences_round_trip_in_shards(tmp_path: Path) -> None:

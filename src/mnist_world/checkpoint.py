@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
+from mnist_world.atomic import atomic_path
 from mnist_world.model import Architecture, WorldModel, build_model
-from mnist_world.store import atomic_path
 
 FORMAT = "mnist_world.checkpoint/1"
 LAST, BEST = "last.pt", "best.pt"

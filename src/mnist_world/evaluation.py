@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from mnist_world import pictures
 from mnist_world.action_following import Tracker, follow_actions, mirror, summarize_following
+from mnist_world.atomic import atomic_path, write_json
 from mnist_world.checkpoint import CheckpointError, load_model
 from mnist_world.config import EvalConfig, SampleConfig
 from mnist_world.dataset import check_values, split_range
@@ -27,7 +28,7 @@ from mnist_world.metrics import baselines, frame_metrics, frame_table, overall, 
 from mnist_world.model import WorldModel
 from mnist_world.randomness import derived_seed
 from mnist_world.sampling import generate, new_generator, point_prediction, predict_future, warn_if_unguided
-from mnist_world.store import StoreError, atomic_path, open_array, open_store, write_json
+from mnist_world.store import StoreError, open_array, open_store
 from mnist_world.tokens import Vocabulary
 
 MODEL_METHODS = ("point", "sampled", "best_of_n")  # best_of_n only with eval.samples > 1

@@ -51,7 +51,7 @@ def run_differences(payload: dict[str, Any], expected: dict[str, Any]) -> list[s
 
 
 def temporaries(output_dir: Path) -> list[Path]:
-    """The temporaries a killed checkpoint writer left in `output_dir` (see `store.atomic_path`); under the
+    """The temporaries a killed checkpoint writer left in `output_dir` (see `atomic.atomic_path`); under the
     folder's lock nobody else is writing them."""
     patterns = (".*.partial-*", ".*.previous-*")
     return sorted({path for pattern in patterns for path in output_dir.glob(pattern)})

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mnist_world.store import atomic_path, write_json
+from mnist_world.atomic import atomic_path, write_json
 
 
 class TrainingLog:
