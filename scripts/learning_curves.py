@@ -35,7 +35,8 @@ from mnist_world.masking import choose_objectives
 from mnist_world.model import Architecture
 from mnist_world.randomness import derived_seed
 from mnist_world.tokens import Vocabulary
-from mnist_world.training import DROPOUT, MASKS, OBJECTIVES, Sequences, epoch_batches, run_params
+from mnist_world.training import run_params
+from mnist_world.training_epoch import DROPOUT, MASKS, OBJECTIVES, Sequences, epoch_batches
 from mnist_world.validation import Validation
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)

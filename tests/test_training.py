@@ -28,7 +28,8 @@ from mnist_world.randomness import rng_state, set_rng_state
 from mnist_world.run_folder import run_differences
 from mnist_world.store import create_store, write_sequences
 from mnist_world.tokens import bin_centres, token_attributes
-from mnist_world.training import DivergenceError, run_params, train
+from mnist_world.training import run_params, train
+from mnist_world.training_epoch import DivergenceError
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS, FRAMES, SIZE = 16, 4, 8
@@ -412,7 +413,7 @@ def test_two_process_ddp_trains_and_checkpoints(tmp_path: Path) -> None:
 
 def test_each_epoch_draws_a_fresh_share_of_the_split() -> None:
     from mnist_world.distributed import Process
-    from mnist_world.training import epoch_batches, steps_per_epoch
+    from mnist_world.training_epoch import epoch_batches, steps_per_epoch
 
     config = dataclasses.replace(CONFIG, sequences_per_epoch=8, batch_size=4)
     first, second = (
