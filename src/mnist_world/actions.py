@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from mnist_world.config import DIGIT_SIZE, ActionsConfig
 from mnist_world.store import (
+    SequenceArray,
     StoreError,
     attribute,
     bulk_io,
@@ -110,25 +111,12 @@ def _build_actions_store(
             f"actions.tracking_size: {config.tracking_size} is larger than {MAX_TRACKING_SIZE}, the widest "
             "frame the tracker handles"
         )
-    frames = open_array(raw_path, "frames", ndim=4, dtype=np.uint8)
-    count, length, height, width = frames.shape
-    if height != width:
-        raise StoreError(f"{raw_path}/frames: expected square frames, got {height}x{width}")
-    truth = bool(attribute(raw_path, "has_ground_truth"))
+    frames, truth = _open_raw(raw_path)
+    count, length, _, width = frames.shape
     digits = int(attribute(raw_path, "digits"))
-    if truth:
-        centers = open_array(raw_path, "centers", ndim=4, dtype=np.float32)
-        ink = open_array(raw_path, "ink", ndim=2, dtype=np.float32)
-        if centers.shape[:2] != (count, length) or ink.shape[0] != count:
-            raise StoreError(
-                f"{raw_path}: ground truth of shape centers {centers.shape}, ink {ink.shape} does not match "
-                f"frames {frames.shape}"
-            )
     to_tokens = frame_size / width  # canvas pixels -> token pixels
-
-    method = "ground_truth" if truth else "tracking"
     attributes = {
-        "method": method,
+        "method": "ground_truth" if truth else "tracking",
         "frame_size": frame_size,
         "frames": length,
         "canvas": width,
@@ -155,14 +143,39 @@ def _build_actions_store(
             never_apart += int((track.reference < 0).sum())
             centres = tracked
             if truth:
-                block_centers = centers[first:last] * to_tokens  # (B, T, D, 2)
-                block_ink = ink[first:last]
+                block_centers = truth[0][first:last] * to_tokens  # (B, T, D, 2)
+                block_ink = truth[1][first:last]
                 centres = ego_centres(block_centers, block_ink)
                 errors.append(step_errors(tracked, centres))
                 mismatched += _count_mismatched(tracked, block_centers, block_ink)
             write_blocks(actions, [(first, actions_from_centres(centres, frame_size))])
+    report = _report(attributes["method"], frame_size, count, length, lost, never_apart)
+    if truth:
+        report |= _tracker_scores(np.concatenate(errors).ravel(), mismatched)
+    return report
 
-    report: dict[str, Any] = {
+
+def _open_raw(raw_path: str | Path) -> tuple[SequenceArray, tuple[SequenceArray, SequenceArray] | None]:
+    """The raw store's square frames, and its ground truth (centers, ink) if it has one, checked to match."""
+    frames = open_array(raw_path, "frames", ndim=4, dtype=np.uint8)
+    count, length, height, width = frames.shape
+    if height != width:
+        raise StoreError(f"{raw_path}/frames: expected square frames, got {height}x{width}")
+    if not attribute(raw_path, "has_ground_truth"):
+        return frames, None
+    centers = open_array(raw_path, "centers", ndim=4, dtype=np.float32)
+    ink = open_array(raw_path, "ink", ndim=2, dtype=np.float32)
+    if centers.shape[:2] != (count, length) or ink.shape[0] != count:
+        raise StoreError(
+            f"{raw_path}: ground truth of shape centers {centers.shape}, ink {ink.shape} does not match "
+            f"frames {frames.shape}"
+        )
+    return frames, (centers, ink)
+
+
+def _report(method: str, frame_size: int, count: int, length: int, lost: int, never_apart: int) -> dict:
+    """The tracking report without ground truth: the tracker's scores stay None."""
+    return {
         "method": method,
         "frame_size": frame_size,
         "sequences": count,
@@ -174,15 +187,16 @@ def _build_actions_store(
         "lost_frame_share": lost / (count * length),
         "never_apart_sequences": never_apart,
     }
-    if truth:
-        error = np.concatenate(errors).ravel()
-        report |= {
-            "tracking_error_mean_px": float(error.mean()),
-            "tracking_error_p95_px": float(np.quantile(error, 0.95)),
-            "within_half_px": float((error <= 0.5).mean()),
-            "ego_mismatch_sequences": mismatched,
-        }
-    return report
+
+
+def _tracker_scores(error: np.ndarray, mismatched: int) -> dict[str, Any]:
+    """The tracker's step errors (pixels at the token resolution) against the ground truth, summarised."""
+    return {
+        "tracking_error_mean_px": float(error.mean()),
+        "tracking_error_p95_px": float(np.quantile(error, 0.95)),
+        "within_half_px": float((error <= 0.5).mean()),
+        "ego_mismatch_sequences": mismatched,
+    }
 
 
 def _count_mismatched(tracked: np.ndarray, centers: np.ndarray, ink: np.ndarray) -> int:
