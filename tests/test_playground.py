@@ -40,7 +40,7 @@ from mnist_world.playground.protocol import (
 )
 from mnist_world.playground.recording import Recording, animation_gif, replay
 from mnist_world.playground.server import Playground, PlaySettings, make_server, static_file
-from mnist_world.playground.session import Session, Tracker
+from mnist_world.playground.session import Session
 from mnist_world.playground.world import PlaygroundError, ValidationData, load_world
 from mnist_world.sampling import Context, new_generator
 from mnist_world.sources import generate_sequences
@@ -56,6 +56,21 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # --- Helpers shared with the browser test ------------------------------------------------------------------
 
 
+def action_attributes(size: int, data: DataConfig) -> dict:
+    """The action store's attributes the playground reads: the tracker's settings, as the stage has them."""
+    tracking = params_section("actions")
+    return {
+        "frame_size": size,
+        "canvas": data.canvas,
+        "tracking": {
+            "threshold": tracking["threshold"],
+            "min_area": tracking["min_area"],
+            "size": tracking["tracking_size"],
+            "digits": data.digits,
+        },
+    }
+
+
 def make_stores(root: Path, data: DataConfig, size: int, levels: int) -> Path:
     """Token, frame and action stores of generated sequences at `size` x `size`, written as the stages do."""
     generated = generate_sequences(data, progress=False)
@@ -64,7 +79,7 @@ def make_stores(root: Path, data: DataConfig, size: int, levels: int) -> Path:
     stores = {
         "frames": (frames, {"frame_size": size, "canvas": data.canvas, "frames": data.frames, "source": "x"}),
         "tokens": (quantize(frames, levels), token_attributes(levels, size, data.frames, "generate")),
-        "actions": (actions_from_centres(centres, size), {"frame_size": size}),
+        "actions": (actions_from_centres(centres, size), action_attributes(size, data)),
     }
     for name, (array, attributes) in stores.items():
         with create_store(root / f"{name}.zarr", attributes) as group:
@@ -97,7 +112,6 @@ def settings_for(root: Path, data: DataConfig, **overrides) -> PlaySettings:
         val_sequences=data.val_sequences,
         decode="centre",  # stores made here carry no measured level means
         sampler=SAMPLER,
-        tracker=Tracker(digits=data.digits),
     )
     return PlaySettings(**{**values, **overrides})
 
@@ -307,7 +321,7 @@ def test_two_tabs_playing_at_once_do_not_disturb_each_other(world):
 
 
 def test_the_ego_digits_centre_is_tracked_for_the_overlay(world):
-    session = Session(world, 4, seed=0, settings=SAMPLER, tracker=Tracker(digits=DATA.digits))
+    session = Session(world, 4, seed=0, settings=SAMPLER, overlay=True)
     start = session.start_message()
     centres = [frame["centre"] for frame in start["frames"]]
     assert all(centre is not None and min(centre) >= 0 and max(centre) <= SIZE for centre in centres)

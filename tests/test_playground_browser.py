@@ -25,7 +25,7 @@ from mnist_world.config import DataConfig
 from mnist_world.model import Architecture
 from mnist_world.playground.chromium import Chromium, find_chromium
 from mnist_world.playground.server import Playground
-from mnist_world.playground.session import Tracker
+from mnist_world.playground.session import overlay_centres
 from mnist_world.playground.world import ValidationData, World
 
 CHROMIUM = find_chromium()
@@ -100,8 +100,7 @@ def leftmost_sequence(stores) -> int:
     data = ValidationData(
         *(stores / f"{name}.zarr" for name in ("tokens", "frames", "actions")), 4, 8, "centre"
     )
-    tracker = Tracker(digits=1)
-    starts = {index: tracker.centres(data.sequence(index).frames[:PAST], data.canvas) for index in data.rows}
+    starts = {index: overlay_centres(data.tracker, data.sequence(index).frames[:PAST]) for index in data.rows}
     return min((centre[-1][0], index) for index, centre in starts.items() if centre is not None)[1]
 
 

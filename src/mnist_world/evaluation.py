@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from mnist_world import pictures
-from mnist_world.action_following import Tracker, follow_actions, mirror, summarize_following
+from mnist_world.action_following import follow_actions, mirror, summarize_following
 from mnist_world.atomic import atomic_path, write_json
 from mnist_world.checkpoint import CheckpointError, load_model
 from mnist_world.config import EvalConfig, SampleConfig
@@ -28,8 +28,9 @@ from mnist_world.metrics import baselines, frame_metrics, frame_table, overall, 
 from mnist_world.model import WorldModel
 from mnist_world.randomness import derived_seed
 from mnist_world.sampling import generate, new_generator, point_prediction, predict_future, warn_if_unguided
-from mnist_world.store import StoreError, open_array, open_store
+from mnist_world.store import StoreError
 from mnist_world.tokens import Vocabulary
+from mnist_world.validation_stores import ValidationStores
 
 MODEL_METHODS = ("point", "sampled", "best_of_n")  # best_of_n only with eval.samples > 1
 BASELINES = ("copy_last", "blank", "quantization")
@@ -37,17 +38,13 @@ SCALE = 4  # picture enlargement: 32x32 frames become 128x128
 PREDICTION, GENERATION = 0, 1  # random streams of the sampler
 
 
-class Stores:
-    """The three validation inputs, checked against each other and against the model."""
+class Stores(ValidationStores):
+    """The three validation inputs, checked against each other and against the checkpoint's model."""
 
     def __init__(
         self, tokens_path: Path, frames_path: Path, actions_path: Path, model: WorldModel, decode: str
     ) -> None:
-        self.tokens = open_array(tokens_path, "tokens", ndim=4, dtype=np.uint8)
-        self.frames = open_array(frames_path, "frames", ndim=4, dtype=np.float32)
-        self.actions = open_array(actions_path, "actions", ndim=3, dtype=np.float32)
-        self.vocabulary = Vocabulary.from_store(tokens_path, decode)
-        self.paths = (tokens_path, actions_path)
+        super().__init__(tokens_path, frames_path, actions_path, decode)
         arch, vocabulary = model.arch, self.vocabulary
         if (vocabulary.levels, vocabulary.frame_size) != (arch.levels, arch.frame_size):
             size = vocabulary.frame_size
@@ -57,22 +54,6 @@ class Stores:
             )
         if self.tokens.shape[1] > arch.frames:
             raise StoreError(f"{tokens_path}: {self.tokens.shape[1]} frames, the model takes {arch.frames}")
-        if self.frames.shape != self.tokens.shape:
-            raise StoreError(
-                f"{frames_path}: frames {self.frames.shape} do not match tokens {self.tokens.shape}"
-            )
-        if self.actions.shape != (*self.tokens.shape[:2], 2):
-            raise StoreError(
-                f"{actions_path}: actions {self.actions.shape} do not match tokens {self.tokens.shape}"
-            )
-        attributes = dict(open_store(actions_path).attrs)
-        try:
-            self.tracker = Tracker.from_attributes(attributes)
-        except (KeyError, TypeError, ValueError):
-            raise StoreError(
-                f"{actions_path}: no tracker settings (tracking.threshold, min_area, digits; canvas) in its "
-                f"attributes: re-run `dvc repro actions`"
-            ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +123,9 @@ def evaluate(
         first = run.first + start
         rows = slice(first, run.first + min(start + evaluation.batch_size, run.count))
         tokens, truth, commanded = stores.tokens[rows], stores.frames[rows], stores.actions[rows]
-        check_values(tokens, commanded, stores.vocabulary.levels, first, *stores.paths)
+        check_values(
+            tokens, commanded, stores.vocabulary.levels, first, stores.tokens_path, stores.actions_path
+        )
         futures = predict(model, tokens[:, : run.past], commanded, sample, evaluation.samples, first, stores)
         answers = score_answers(futures, truth, tokens, run.past, stores.vocabulary)
         tables.append(frame_table({name: scores for name, (_, scores) in answers.items()}, first))

@@ -1,5 +1,6 @@
 """`mnist-world`: the playground's commands. `play` serves the page; `replay` turns a recording back into
-its frames. Defaults come from params.yaml (split, tracking, decoding and sampling), as in the stages.
+its frames. Defaults come from params.yaml (split, decoding and sampling), the tracker's settings from the
+action store, as in the stages.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from mnist_world.devices import resolve_device
 from mnist_world.playground.dreamer import SamplerSettings
 from mnist_world.playground.recording import Recording, animation_gif, replay
 from mnist_world.playground.server import Playground, PlaySettings, make_server
-from mnist_world.playground.session import Tracker
 from mnist_world.playground.world import ValidationData, load_world
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
@@ -28,13 +28,13 @@ Checkpoint = Annotated[Path, typer.Option(help="The checkpoint to play.")]
 Tokens = Annotated[Path, typer.Option(help="Token store.")]
 Frames = Annotated[Path, typer.Option(help="Frame store (the continuous truth).")]
 Actions = Annotated[Path, typer.Option(help="Action store (the true moves).")]
-Params = Annotated[Path, typer.Option(help="Params file: data, tokens, actions and sample are read.")]
+Params = Annotated[Path, typer.Option(help="Params file: data, tokens and sample are read.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, mps or auto (cuda, then mps, then cpu).")]
 # One thread by default: on a busy 2-core CPU two threads per frame wait on each other (a patch-4 frame took
 # 0.13 s on one thread, 0.9 s on two; benchmarks/playground_latency.py), and tabs then dream side by side.
 # Replay uses the same count, since another thread count may round differently and sample other tokens.
 Threads = Annotated[int, typer.Option(min=1, help="torch CPU threads (play and replay must agree).")]
-Sections = tuple[config.DataConfig, config.TokensConfig, config.ActionsConfig, config.SampleConfig]
+Sections = tuple[config.DataConfig, config.TokensConfig, config.SampleConfig]
 
 
 def _fail(message: str) -> NoReturn:
@@ -44,7 +44,7 @@ def _fail(message: str) -> NoReturn:
 
 def _params(path: Path) -> Sections:
     try:
-        return tuple(config.load(section, path) for section in ("data", "tokens", "actions", "sample"))
+        return tuple(config.load(section, path) for section in ("data", "tokens", "sample"))
     except config.ConfigError as error:
         _fail(str(error))
 
@@ -82,7 +82,7 @@ def play(
     """Serve the playground page: steer the ego digit with the arrow keys while the model dreams."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(threads)
-    data, token_config, tracking, sample = _params(params)
+    data, token_config, sample = _params(params)
     try:
         sampler = SamplerSettings(
             steps=sample.steps if steps is None else steps,
@@ -106,9 +106,13 @@ def play(
         keep=keep,
         step_px=step_px,
         device=resolved,
-        tracker=Tracker(tracking.threshold, tracking.min_area, data.digits),
     )
-    server = make_server(Playground(settings), host, port)
+    _serve(Playground(settings), host, port)
+
+
+def _serve(playground: Playground, host: str, port: int) -> None:
+    """Serve until Ctrl-C."""
+    server = make_server(playground, host, port)
     typer.echo(f"mnist-world playground on {server.url} (Ctrl-C stops it)")
     try:
         server.serve_forever()
@@ -141,7 +145,7 @@ def replay_command(
 ) -> None:
     """Play a recording's actions again from its start: the same seed gives the same frames."""
     torch.set_num_threads(threads)
-    data, token_config, _, _ = _params(params)
+    data, token_config, _ = _params(params)
     try:
         played = Recording.from_json(json.loads(recording.read_text()))
         stores = ValidationData(

@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlparse
 from mnist_world.playground.dreamer import SamplerSettings
 from mnist_world.playground.protocol import RestartRequest, StepRequest, parse_restart, parse_step
 from mnist_world.playground.recording import Recording, animation_gif
-from mnist_world.playground.session import Session, Tracker
+from mnist_world.playground.session import Session
 from mnist_world.playground.world import PlaygroundError, ValidationData, World, load_world
 
 log = logging.getLogger("mnist_world.playground")
@@ -60,7 +60,7 @@ class PlaySettings:
     keep: int | None = None  # frames kept when the context slides; None: the checkpoint's past frames
     step_px: float | None = None  # one arrow-key step in pixels of a frame; None: the data's typical move
     device: str = "cpu"
-    tracker: Tracker = Tracker()
+    overlay: bool = True  # mark the ego digit, tracked with the action store's tracker settings
 
 
 class WorldLoader:
@@ -133,7 +133,7 @@ class Playground:
         if sequence is None:
             sequence = world.data.rows.start if s.sequence is None else s.sequence
         seed = s.seed if request.seed is None else request.seed
-        session = Session(world, sequence, seed, s.sampler, s.tracker, s.keep)
+        session = Session(world, sequence, seed, s.sampler, s.keep, s.overlay)
         with self._lock:
             session_id = request.session if request.session in self._sessions else secrets.token_urlsafe(9)
             self._sessions[session_id] = session

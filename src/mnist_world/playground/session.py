@@ -13,27 +13,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnist_world.action_following import Tracker as EgoTracker
+from mnist_world.action_following import Tracker
 from mnist_world.playground.dreamer import Dreamer, SamplerSettings
 from mnist_world.playground.protocol import StepRequest, frame_message
 from mnist_world.playground.world import PlaygroundError, World
 from mnist_world.sampling import new_generator, warn_if_unguided
 
 
-@dataclasses.dataclass(frozen=True)
-class Tracker:
-    """Finds the ego digit (the most ink) in frames, for the overlay; the `actions` and `data` params."""
-
-    threshold: float = 0.2
-    min_area: int = 4
-    digits: int = 2
-
-    def centres(self, frames: np.ndarray, canvas: int) -> np.ndarray | None:
-        """(T, 2) centres (x, y) in pixels of frames (T, H, W) in [0, 1]; None when no frame shows the ego
-        digit apart from the others (then the tracker knows its motion at best, not where it is)."""
-        tracker = EgoTracker(self.threshold, self.min_area, self.digits, canvas)
-        track = tracker.track(frames[None])  # (1, T, H, W): the evaluation's tracking, for one sequence
-        return track.centre[0] if track.reference[0] >= 0 else None
+def overlay_centres(tracker: Tracker, frames: np.ndarray) -> np.ndarray | None:
+    """(T, 2) centres (x, y) of the ego digit in pixels of frames (T, H, W) in [0, 1], for the page's overlay;
+    None when no frame shows the ego digit apart from the others (then the tracker knows its motion at best,
+    not where it is)."""
+    track = tracker.track(frames[None])  # (1, T, H, W): the evaluation's tracking, for one sequence
+    return track.centre[0] if track.reference[0] >= 0 else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +46,11 @@ class Session:
         sequence: int,
         seed: int,
         settings: SamplerSettings,
-        tracker: Tracker | None = None,
         keep: int | None = None,
+        overlay: bool = False,
     ) -> None:
-        self.world, self.seed, self.settings, self.tracker = world, seed, settings, tracker
+        # overlay: track the ego digit with the action store's tracker settings, for the page's marker
+        self.world, self.seed, self.settings, self.overlay = world, seed, settings, overlay
         self.lock = threading.Lock()
         self.sequence = world.data.sequence(sequence)
         past = world.past_frames
@@ -82,10 +75,9 @@ class Session:
 
     def _centres(self) -> np.ndarray | None:
         """The ego digit's centres in the newest frames (as many as the model sees at once)."""
-        if self.tracker is None:
+        if not self.overlay:
             return None
-        recent = np.stack(self.frames[-self.world.arch.frames :])
-        return self.tracker.centres(recent, self.world.data.canvas)
+        return overlay_centres(self.world.data.tracker, np.stack(self.frames[-self.world.arch.frames :]))
 
     def start_message(self) -> dict[str, Any]:
         """The run's given frames and what the page needs to know to continue it."""

@@ -19,8 +19,8 @@ import torch
 from mnist_world.checkpoint import CheckpointError, load_model
 from mnist_world.dataset import split_range
 from mnist_world.model import Architecture
-from mnist_world.store import StoreError, attribute, open_array
-from mnist_world.tokens import Vocabulary
+from mnist_world.store import StoreError
+from mnist_world.validation_stores import ValidationStores
 
 
 class PlaygroundError(ValueError):
@@ -37,8 +37,9 @@ class Sequence:
     actions: np.ndarray  # float32 (T, 2): the ego digit's true moves
 
 
-class ValidationData:
-    """The validation split of the token, frame and action stores, and how tokens become pixels."""
+class ValidationData(ValidationStores):
+    """The validation split of the token, frame and action stores (see `ValidationStores`), one sequence at a
+    time, and how tokens become pixels."""
 
     def __init__(
         self,
@@ -47,26 +48,13 @@ class ValidationData:
         actions_path: str | Path,
         train_sequences: int,
         val_sequences: int,
-        decode: str = "mean",
+        decode: str,
     ) -> None:
         try:
-            self.tokens = open_array(tokens_path, "tokens", ndim=4, dtype=np.uint8)
-            self.frames = open_array(frames_path, "frames", ndim=4, dtype=np.float32)
-            self.actions = open_array(actions_path, "actions", ndim=3, dtype=np.float32)
-            self.canvas = int(attribute(frames_path, "canvas"))  # fixes the digits' size for the tracker
-            self.vocabulary = Vocabulary.from_store(tokens_path, decode)
+            super().__init__(tokens_path, frames_path, actions_path, decode)
             self.rows = split_range("val", train_sequences, val_sequences, self.tokens.shape[0])
         except (StoreError, ValueError) as error:
             raise PlaygroundError(str(error)) from None
-        if self.frames.shape != self.tokens.shape:
-            raise PlaygroundError(
-                f"{frames_path}: frames {self.frames.shape} do not match tokens {self.tokens.shape}"
-            )
-        if self.actions.shape != (*self.tokens.shape[:2], 2):
-            raise PlaygroundError(
-                f"{actions_path}: actions {self.actions.shape} do not match tokens {self.tokens.shape}"
-            )
-        self.tokens_path = Path(tokens_path)
 
     @property
     def length(self) -> int:
