@@ -1,9 +1,11 @@
 """dvc.yaml stays true to the code: each stage depends on exactly the library modules it imports, and
-declares params sections that exist."""
+declares params sections that exist; its paths are stated once, as the stage's option defaults."""
 
 from __future__ import annotations
 
 import ast
+import importlib.util
+import inspect
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,36 @@ def test_stage_deps_are_the_modules_it_imports(stage: str) -> None:
 def test_stage_params_name_real_sections(stage: str) -> None:
     for param in STAGES[stage].get("params", []):
         assert param.split(".")[0] in SECTIONS, f"{stage}: unknown params section in {param}"
+
+
+def declared_paths(definition: dict) -> set[str]:
+    """Every path a stage declares: deps, and outs, metrics and plots (entries or mappings of one)."""
+    found = set(definition.get("deps", []))
+    for kind in ("outs", "metrics", "plots"):
+        for entry in definition.get(kind, []):
+            found |= set(entry) if isinstance(entry, dict) else {entry}
+    return found
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_paths_are_stated_once(stage: str) -> None:
+    """The paths live in the stage's option defaults; dvc.yaml's cmd passes none, and every default path
+    (params.yaml aside) is one that dvc.yaml declares for the stage."""
+    script = STAGES[stage]["cmd"].split()
+    assert script == ["python", f"stages/{stage}.py"], f"{stage}: cmd passes arguments: {script}"
+    spec = importlib.util.spec_from_file_location(f"stage_{stage}", ROOT / script[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    defaults = {
+        str(parameter.default)
+        for parameter in inspect.signature(module.main).parameters.values()
+        if isinstance(parameter.default, Path) and parameter.default != Path("params.yaml")
+    }
+    declared = declared_paths(STAGES[stage])
+    # A folder stands for what it holds (models/best.pt), and is declared by what it holds (reports/eval).
+    undeclared = {
+        path
+        for path in defaults
+        if not any(d == path or d.startswith(f"{path}/") or path.startswith(f"{d}/") for d in declared)
+    }
+    assert not undeclared, f"{stage}: default paths not in dvc.yaml: {sorted(undeclared)}"
