@@ -5,11 +5,13 @@ the playground's own session (dreaming the frame, decoding it, tracking the ego 
                                             [--frames 24] [--threads 1,2] [--params params.yaml]
     python benchmarks/playground_latency.py --arrows --checkpoint models/best.pt [--sequences 16] [--hold 5]
 
-Without --checkpoint it times the default model's shape (128 dims, 2 layers, 4 heads, the stores' 32x32
-tokens and 20 frames, 10 given) with random weights, once per patch size: the cost of a frame does not depend
-on what the weights have learned. Each run dreams --frames frames one at a time under changing actions, so
-the context fills the model's frames and slides, as it does on the page. The stores must exist (`dvc repro
-actions`); the steps default to params.yaml's sample.steps, the playground's default.
+Without --checkpoint it times the model shape of params.yaml's `model` section (128 dims, 2 layers, 4 heads)
+on the stores' tokens and frames (20 frames, 10 given) with random weights, once per patch size (which
+replaces the section's): the cost of a frame does not depend on what the weights have learned. Each run
+dreams --frames frames one at a time under changing actions, so the context fills the model's frames and
+slides, as it does on the page; every frame is decoded and the ego digit tracked for the overlay, with the
+tracker settings the action store records. The stores must exist (`dvc repro actions`); the steps and the
+temperature come from params.yaml's `sample` section, the playground's defaults.
 
 With --arrows it times nothing and measures instead how far the ego digit moves per arrow press: for
 --sequences validation sequences spread over the split, each arrow (and "still", no key) is held for --hold
@@ -36,7 +38,7 @@ from mnist_world import config
 from mnist_world.model import Architecture, build_model
 from mnist_world.playground.dreamer import SamplerSettings
 from mnist_world.playground.protocol import StepRequest
-from mnist_world.playground.session import Session, Tracker
+from mnist_world.playground.session import Session, overlay_centres
 from mnist_world.playground.world import PlaygroundError, ValidationData, World, load_world
 
 TARGET_S = 0.5  # the playground's promise: the next frame within half a second
@@ -46,12 +48,12 @@ MOVES = [(0.11, 0.0), (0.11, 0.0), (0.0, 0.0), (0.0, -0.11), (-0.08, 0.08)]
 ARROWS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 
 
-def untrained(data: ValidationData, patch_size: int) -> World:
-    """The default model's shape with random weights at `patch_size`."""
+def untrained(data: ValidationData, model: config.ModelConfig, patch_size: int) -> World:
+    """The params' model shape with random weights at `patch_size`."""
     fields = {field.name for field in dataclasses.fields(Architecture)}
     if patch_size != 1 and "patch_size" not in fields:
         raise PlaygroundError(f"patch_size={patch_size}: this model has no patch tokens")
-    shape = dataclasses.asdict(config.ModelConfig()) | {"patch_size": patch_size}
+    shape = dataclasses.asdict(model) | {"patch_size": patch_size}
     geometry = {"levels": data.vocabulary.levels, "frame_size": data.frame_size, "frames": data.length}
     arch = Architecture(**geometry, **{key: value for key, value in shape.items() if key in fields})
     torch.manual_seed(0)
@@ -59,10 +61,10 @@ def untrained(data: ValidationData, patch_size: int) -> World:
     return World(build_model(arch).eval(), data, PAST, name, torch.device("cpu"))
 
 
-def timed_run(world: World, sequence: int, settings: SamplerSettings, tracker: Tracker, frames: int) -> dict:
+def timed_run(world: World, sequence: int, settings: SamplerSettings, frames: int) -> dict:
     """Latencies of `frames` steps after two warm-up steps: whole step (what the page waits for) and the
     model's share of it."""
-    session = Session(world, sequence, seed=0, settings=settings, tracker=tracker)
+    session = Session(world, sequence, seed=0, settings=settings, overlay=True)
     whole, model = [], []
     for index in range(frames + 2):
         request = StepRequest(
@@ -80,34 +82,31 @@ def held_moves(
     world: World,
     sequence: int,
     settings: SamplerSettings,
-    tracker: Tracker,
     action: tuple[float, float],
     hold: int,
 ) -> np.ndarray | None:
     """The ego digit's tracked moves (hold, 2) in pixels, (dx, dy) per frame, while `action` is held for
     `hold` frames after the given past; None when no frame shows the ego digit apart from the others."""
-    session = Session(world, sequence, seed=0, settings=settings, tracker=tracker)
+    session = Session(world, sequence, seed=0, settings=settings, overlay=True)
     for _ in range(hold):
         session.step(StepRequest("arrows", len(session.frames), action, settings.temperature, False))
-    centres = tracker.centres(np.stack(session.frames[-world.arch.frames :]), world.data.canvas)
+    centres = overlay_centres(world.data.tracker, np.stack(session.frames[-world.arch.frames :]))
     return None if centres is None else np.diff(centres[-(hold + 1) :], axis=0)
 
 
-def true_moves(
-    world: World, sequence: int, tracker: Tracker, hold: int
-) -> tuple[np.ndarray, np.ndarray] | None:
+def true_moves(world: World, sequence: int, hold: int) -> tuple[np.ndarray, np.ndarray] | None:
     """The ego digit's tracked moves (hold, 2) on the true frames after the given past, and the dataset's
     actions for them in pixels; None when the tracker cannot tell the ego digit apart."""
     data, past = world.data, world.past_frames
     truth = data.sequence(sequence)
     pixels = data.to_pixels(truth.tokens[: past + hold])  # what the model was given, continued truly
-    centres = tracker.centres(pixels, data.canvas)
+    centres = overlay_centres(data.tracker, pixels)
     if centres is None:
         return None
     return np.diff(centres[past - 1 :], axis=0), truth.actions[past : past + hold] * data.frame_size / 2
 
 
-def arrow_table(world: World, settings: SamplerSettings, tracker: Tracker, sequences: int, hold: int) -> None:
+def arrow_table(world: World, settings: SamplerSettings, sequences: int, hold: int) -> None:
     """Print the ego digit's move per frame along and across each held arrow, against the commanded step."""
     data = world.data
     half = data.frame_size / 2  # an action is a move over half the frame
@@ -117,7 +116,7 @@ def arrow_table(world: World, settings: SamplerSettings, tracker: Tracker, seque
     moves: dict[str, dict[int, np.ndarray]] = {key: {} for key in keys}
     for sequence in rows:
         for key, (ux, uy) in keys.items():
-            found = held_moves(world, sequence, settings, tracker, (step * ux, step * uy), hold)
+            found = held_moves(world, sequence, settings, (step * ux, step * uy), hold)
             if found is not None:
                 moves[key][sequence] = found
     typer.echo(
@@ -159,7 +158,7 @@ def arrow_table(world: World, settings: SamplerSettings, tracker: Tracker, seque
         )
     along, across, commands = [], [], []
     for sequence in rows:
-        found = true_moves(world, sequence, tracker, hold)
+        found = true_moves(world, sequence, hold)
         if found is None:
             continue
         moved, commanded = found
@@ -188,12 +187,12 @@ def main(
     checkpoint: Annotated[
         Path | None, typer.Option(help="Time this checkpoint instead of random weights.")
     ] = None,
-    patch_sizes: Annotated[str, typer.Option(help="Patch sizes of the random-weight default model.")] = "1,4",
+    patch_sizes: Annotated[str, typer.Option(help="Patch sizes of the random-weight model.")] = "1,4",
     steps: Annotated[int | None, typer.Option(help="Unmasking iterations per frame [sample.steps].")] = None,
     frames: Annotated[int, typer.Option(help="Frames timed per run (after two warm-up frames).")] = 24,
     threads: Annotated[str, typer.Option(help="torch CPU thread counts to try, comma-separated.")] = "1,2",
     params: Annotated[
-        Path, typer.Option(help="Params file: data, tokens, actions and sample are read.")
+        Path, typer.Option(help="Params file: data, tokens, model and sample are read.")
     ] = Path("params.yaml"),
     tokens: Annotated[Path, typer.Option(help="Token store.")] = Path("data/tokens.zarr"),
     frames_store: Annotated[Path, typer.Option("--frames-store", help="Frame store.")] = Path(
@@ -219,7 +218,7 @@ def main(
         typer.echo("error: --arrows measures a trained model: give --checkpoint", err=True)
         raise typer.Exit(1)
     data_config, token_config = config.load("data", params), config.load("tokens", params)
-    tracking, sample = config.load("actions", params), config.load("sample", params)
+    model_config, sample = config.load("model", params), config.load("sample", params)
     settings = SamplerSettings(steps=steps or sample.steps, temperature=sample.temperature, guidance=0.0)
     try:
         data = ValidationData(
@@ -233,15 +232,14 @@ def main(
         worlds = (
             [load_world(checkpoint, data)]
             if checkpoint
-            else [untrained(data, int(size)) for size in patch_sizes.split(",")]
+            else [untrained(data, model_config, int(size)) for size in patch_sizes.split(",")]
         )
     except PlaygroundError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from None
-    tracker = Tracker(tracking.threshold, tracking.min_area, data_config.digits)
     if arrows:
         torch.set_num_threads(int(threads.split(",")[0]))
-        arrow_table(worlds[0], settings, tracker, sequences, min(hold, data.length - worlds[0].past_frames))
+        arrow_table(worlds[0], settings, sequences, min(hold, data.length - worlds[0].past_frames))
         return
     typer.echo(
         f"{settings.steps} unmasking steps per frame, {frames} frames per run, "
@@ -255,7 +253,7 @@ def main(
         parameters = sum(p.numel() for p in world.model.parameters())
         for count in (int(value) for value in threads.split(",")):
             torch.set_num_threads(count)
-            run = timed_run(world, data.rows.start, settings, tracker, frames)
+            run = timed_run(world, data.rows.start, settings, frames)
             within = sum(seconds <= TARGET_S for seconds in run["whole"]) / len(run["whole"])
             typer.echo(
                 f"| {world.checkpoint} | {parameters / 1e6:.2f}M | {count} | {describe(run['whole'])} | "

@@ -1,8 +1,12 @@
-"""Future-prediction throughput with and without the past-frame cache: the default 0.67M model (random
+"""Future-prediction throughput with and without the past-frame cache: the recipe's 0.67M model (random
 weights), 32x32 tokens, 20 frames (10 past, 10 future), K iterations, one batch per measurement.
 
+The model's shape and the sampler's settings come from params.yaml's `model` and `sample` sections, with
+the recipe's one token per position (patch_size 1), temperature 1.0 and no guidance pinned, as the README's
+figures were measured; --steps and each timed mode override the sampler's steps and mode.
+
     python benchmarks/sampling_cache.py [--batch 4] [--steps 20] [--repeats 3] [--device auto]
-                                        [--autoregressive-uncached]
+                                        [--autoregressive-uncached] [--threads 1] [--params params.yaml]
 
 Uncached, every iteration runs the model on all 20 frames; cached, the 10 past frames are encoded once and
 each iteration runs on the 10 future frames only. Both paths must give the same samples (checked).
@@ -10,13 +14,15 @@ each iteration runs on the 10 future frames only. Both paths must give the same 
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
 
-from mnist_world.config import ModelConfig, SampleConfig
+from mnist_world import config
 from mnist_world.devices import resolve_device
 from mnist_world.model import Architecture, build_model
 from mnist_world.sampling import new_generator, predict_future
@@ -39,13 +45,19 @@ def main(
     ] = False,
     repeats: Annotated[int, typer.Option(help="Timed runs per variant, interleaved; best counts.")] = 3,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: torch's default).")] = 0,
+    params: Annotated[Path, typer.Option(help="Params file: model and sample are read.")] = Path(
+        "params.yaml"
+    ),
 ) -> None:
     """Print seconds per batch, sequences per second and the cache's speed-up for each mode."""
     if threads:
         torch.set_num_threads(threads)
     target = resolve_device(device)
     torch.manual_seed(0)
-    arch = Architecture.from_config(ModelConfig(), levels=LEVELS, frame_size=FRAME_SIZE, frames=FRAMES)
+    # The recipe's one token per position and plain sampling, whatever params.yaml's defaults are now.
+    model_config = dataclasses.replace(config.load("model", params), patch_size=1)
+    sample_config = dataclasses.replace(config.load("sample", params), temperature=1.0, guidance=0.0)
+    arch = Architecture.from_config(model_config, levels=LEVELS, frame_size=FRAME_SIZE, frames=FRAMES)
     model = build_model(arch).to(target).eval()
     generator = torch.Generator(device=target).manual_seed(0)
     shape = (batch, PAST, FRAME_SIZE, FRAME_SIZE)
@@ -58,18 +70,19 @@ def main(
 
     def timed(mode: str, cached: bool) -> tuple[float, float, torch.Tensor]:
         """(wall seconds, CPU seconds of this process, samples) of one batch."""
-        config = SampleConfig(steps=steps, mode=mode)
+        settings = dataclasses.replace(sample_config, steps=steps, mode=mode)
         _synchronize(target)
         wall, cpu = time.perf_counter(), time.process_time()
         generator = new_generator(0, target)
         future = predict_future(
-            model, tokens, actions, config, mask_id=arch.mask_id, generator=generator, cached=cached
+            model, tokens, actions, settings, mask_id=arch.mask_id, generator=generator, cached=cached
         )
         _synchronize(target)
         return time.perf_counter() - wall, time.process_time() - cpu, future
 
     # Warm-up: kernels, allocator, lazy initialisation.
-    predict_future(model, tokens, actions, SampleConfig(steps=1), mask_id=arch.mask_id, generator=generator)
+    warm_up = dataclasses.replace(sample_config, steps=1, mode="joint")
+    predict_future(model, tokens, actions, warm_up, mask_id=arch.mask_id, generator=generator)
 
     runs = [("joint", True), ("joint", False)]
     if autoregressive:
