@@ -50,12 +50,8 @@ ARROWS = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "up": (0.0, -1.0), "down": (
 
 def untrained(data: ValidationData, model: config.ModelConfig, patch_size: int) -> World:
     """The params' model shape with random weights at `patch_size`."""
-    fields = {field.name for field in dataclasses.fields(Architecture)}
-    if patch_size != 1 and "patch_size" not in fields:
-        raise PlaygroundError(f"patch_size={patch_size}: this model has no patch tokens")
-    shape = dataclasses.asdict(model) | {"patch_size": patch_size}
-    geometry = {"levels": data.vocabulary.levels, "frame_size": data.frame_size, "frames": data.length}
-    arch = Architecture(**geometry, **{key: value for key, value in shape.items() if key in fields})
+    model = dataclasses.replace(model, patch_size=patch_size)
+    arch = Architecture.from_config(model, data.vocabulary.levels, data.frame_size, data.length)
     torch.manual_seed(0)
     name = f"untrained, patch_size={patch_size}"
     return World(build_model(arch).eval(), data, PAST, name, torch.device("cpu"))

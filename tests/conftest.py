@@ -1,5 +1,5 @@
 """What several test files share: configs built from the repository's params.yaml with a test's own
-values on top, and one torch thread for tiny models."""
+values on top, tiny architectures, and one torch thread for tiny models."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from mnist_world import config
+from mnist_world.config import ModelConfig
+from mnist_world.model import Architecture
 
 ROOT = Path(__file__).resolve().parents[1]
 C = TypeVar("C")
@@ -25,6 +27,23 @@ def from_params(cls: type[C], **overrides: Any) -> C:
     """The config `cls` (DataConfig, TrainConfig...) of the repository's params.yaml, with `overrides`."""
     section = cls.SECTION  # type: ignore[attr-defined]
     return config.build(cls, section, params_section(section, **overrides))
+
+
+TINY_MODEL = {
+    "layers": 1,
+    "embed_dim": 16,
+    "heads": 2,
+    "dropout": 0.1,
+    "patch_size": 1,
+    "spatial_bias": False,
+    "attention": "factorised",
+}
+
+
+def tiny_architecture(levels: int, frame_size: int, frames: int, **model: Any) -> Architecture:
+    """A one-layer, 16-wide, factorised model of this geometry, with `model` values on top."""
+    model_config = from_params(ModelConfig, **{**TINY_MODEL, **model})
+    return Architecture.from_config(model_config, levels=levels, frame_size=frame_size, frames=frames)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import torch
 import typer
 import yaml
-from conftest import from_params, params_section
+from conftest import from_params, params_section, tiny_architecture
 from PIL import Image
 from skimage.metrics import structural_similarity
 from typer.testing import CliRunner
@@ -68,7 +68,7 @@ def inputs(tmp_path_factory):
         with create_store(root / f"{name}.zarr", attributes) as group:
             write_sequences(group, name, array, sequences_per_shard=4)
     torch.manual_seed(0)
-    arch = Architecture(levels=LEVELS, frame_size=SIZE, frames=FRAMES, layers=1, embed_dim=16, heads=2)
+    arch = tiny_architecture(LEVELS, SIZE, FRAMES)
     save_checkpoint(root / "best.pt", payload(arch))
     return root
 
@@ -270,7 +270,7 @@ def test_a_missing_or_foreign_checkpoint_is_a_clear_error(inputs, tmp_path):
 
 
 def test_a_checkpoint_for_other_tokens_is_rejected(inputs, tmp_path):
-    arch = Architecture(levels=LEVELS * 2, frame_size=SIZE, frames=FRAMES, layers=1, embed_dim=16, heads=2)
+    arch = tiny_architecture(LEVELS * 2, SIZE, FRAMES)
     save_checkpoint(tmp_path / "other.pt", payload(arch))
     with pytest.raises(
         StoreError, match="8 levels of 16x16 tokens, but the checkpoint's model has 16 levels"

@@ -6,13 +6,13 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import from_params
+from conftest import from_params, tiny_architecture
 
 from mnist_world.config import ModelConfig
 from mnist_world.masking import causal_mask, identity_mask
 from mnist_world.model import Architecture, build_model, cache_frames
 
-TINY = Architecture(levels=16, frame_size=8, frames=20, layers=1, embed_dim=16, heads=2, dropout=0.1)
+TINY = tiny_architecture(levels=16, frame_size=8, frames=20)
 PATCHES = [
     TINY,
     *(dataclasses.replace(TINY, patch_size=p) for p in (2, 4)),

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import from_params, params_section
+from conftest import from_params, params_section, tiny_architecture
 from typer.testing import CliRunner
 
 from mnist_world.actions import actions_from_centres, ego_centres
@@ -88,7 +88,7 @@ def make_stores(root: Path, data: DataConfig, size: int, levels: int) -> Path:
 
 
 def tiny_arch(size: int = SIZE, levels: int = LEVELS, frames: int = FRAMES) -> Architecture:
-    return Architecture(levels=levels, frame_size=size, frames=frames, layers=1, embed_dim=16, heads=2)
+    return tiny_architecture(levels, size, frames)
 
 
 def make_checkpoint(path: Path, arch: Architecture, past: int = PAST) -> Path:

@@ -7,11 +7,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import from_params
+from conftest import from_params, tiny_architecture
 
 from mnist_world.config import SampleConfig
 from mnist_world.masking import causal_mask
-from mnist_world.model import Architecture, build_model, cache_frames
+from mnist_world.model import build_model, cache_frames
 from mnist_world.sampling import (
     Context,
     generate,
@@ -34,17 +34,7 @@ def model(request):
     """Every sampler test runs with one token per position, with 2 x 2 patches, and with joint attention."""
     patch_size, attention = request.param
     torch.manual_seed(0)
-    arch = Architecture(
-        levels=LEVELS,
-        frame_size=SIZE,
-        frames=FRAMES,
-        layers=1,
-        embed_dim=16,
-        heads=2,
-        dropout=0.0,
-        patch_size=patch_size,
-        attention=attention,
-    )
+    arch = tiny_architecture(LEVELS, SIZE, FRAMES, dropout=0.0, patch_size=patch_size, attention=attention)
     return build_model(arch).eval()
 
 

@@ -150,7 +150,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Wo
     try:
         model = build_model(Architecture(**payload["architecture"]))
         model.load_state_dict(payload["model"])
-    except (TypeError, RuntimeError, KeyError) as error:
+    except (TypeError, ValueError, RuntimeError, KeyError) as error:  # ValueError: ConfigError
         first_line = str(error).strip().splitlines()[0]
         raise CheckpointError(
             f"{path}: weights do not match the stored architecture ({first_line})"

@@ -12,41 +12,38 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import pydantic
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from mnist_world.config import ModelConfig
+from mnist_world.config_checks import Integer, require, section
 
 
-@dataclasses.dataclass(frozen=True)
-class Architecture:
-    """Everything needed to rebuild the network: model params plus the token store's geometry."""
+@section("model")
+class Architecture(ModelConfig):
+    """Everything needed to rebuild the network: the model params (ModelConfig's fields, checked by its
+    rules) plus the token store's geometry. Checkpoints store it as a plain dict."""
 
-    levels: int
-    frame_size: int
-    frames: int
-    layers: int = 2
-    embed_dim: int = 128
-    heads: int = 4
-    mlp_ratio: float = 4.0
-    dropout: float = 0.1
-    patch_size: int = 1
-    spatial_bias: bool = False
-    attention: str = "factorised"  # or "joint": one attention over all positions of all frames
-    action_dim: int = 2
+    levels: Integer
+    frame_size: Integer
+    frames: Integer
+    action_dim: Integer = 2  # (dx, dy) per frame
 
-    def __post_init__(self) -> None:
-        if self.frame_size % self.patch_size:
-            raise ValueError(
-                f"model.patch_size={self.patch_size} does not divide the {self.frame_size}x{self.frame_size} "
-                f"token frames"
-            )
+    @pydantic.model_validator(mode="after")
+    def _check_patches(self) -> Architecture:
+        require(
+            self.frame_size % self.patch_size == 0,
+            f"model.patch_size={self.patch_size} does not divide the {self.frame_size}x{self.frame_size} "
+            f"token frames",
+        )
+        return self
 
     @classmethod
     def from_config(cls, model: ModelConfig, levels: int, frame_size: int, frames: int) -> Architecture:
-        return cls(levels=levels, frame_size=frame_size, frames=frames, **dataclasses.asdict(model))
+        return cls(**dataclasses.asdict(model), levels=levels, frame_size=frame_size, frames=frames)
 
     @property
     def mask_id(self) -> int:
