@@ -35,11 +35,11 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from mnist_world import config
+from mnist_world import config, recipe
+from mnist_world.atomic import write_json
 from mnist_world.checkpoint import load_checkpoint
 from mnist_world.devices import resolve_device
 from mnist_world.evaluation import evaluate
-from mnist_world.atomic import write_json
 from mnist_world.store import create_store, open_array, open_store, write_sequences
 from mnist_world.training import fit
 
@@ -50,27 +50,6 @@ WHEELS = [
     "pydantic", "pydantic-core", "annotated-types", "typing-inspection",  # the params configs
 ]  # fmt: skip
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
-# The recipe (RECIPE.md), whatever params.yaml's defaults; epochs and batch size are options (50 and 4).
-RECIPE_MODEL = {"layers": 2, "embed_dim": 128, "heads": 4, "mlp_ratio": 4.0, "dropout": 0.1, "patch_size": 1}
-FULL_MODEL = {**RECIPE_MODEL, "layers": 6, "embed_dim": 384}
-RECIPE_TRAIN = {
-    "max_train_sequences": 0,  # whole splits
-    "max_val_sequences": 0,
-    "device": "auto",
-    "lr": 3e-4,
-    "min_lr": 1e-6,
-    "weight_decay": 0.01,
-    "betas": (0.9, 0.999),
-    "warmup_steps": 0,
-    "grad_clip": 1.0,
-    "past_frames": 10,
-    "mask_ratio": (0.5, 1.0),
-    "mask_schedule": "uniform",
-    "objectives": {"future": 1.0},
-    "noise_eta": 0.0,
-    "label_smoothing": 0.0,
-}
-FULL_OBJECTIVES = {"future": 0.5, "joint": 0.4, "individual": 0.1}
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 
@@ -228,14 +207,9 @@ def run(
     started = time.monotonic()
     split = json.loads((bundle / "split.json").read_text())
     data = dataclasses.replace(config.load("data", params), **split)
-    model_config = dataclasses.replace(config.load("model", params), **(FULL_MODEL if full else RECIPE_MODEL))
-    train_config = dataclasses.replace(
-        config.load("train", params),
-        **RECIPE_TRAIN,
-        epochs=epochs,
-        batch_size=batch_size,
-        compile=compile_model,
-        **({"objectives": FULL_OBJECTIVES} if full else {}),
+    model_config = recipe.model_config(params, full)
+    train_config = recipe.train_config(
+        params, full, epochs=epochs, batch_size=batch_size, device="auto", compile=compile_model
     )
     sample = config.load("sample", params)
     evaluation = dataclasses.replace(
