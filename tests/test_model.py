@@ -6,11 +6,12 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import from_params, tiny_architecture
 
 from mnist_world.config import ModelConfig
 from mnist_world.masking import causal_mask, identity_mask
-from mnist_world.model import Architecture, build_model, cache_frames
+from mnist_world.model import Architecture, Dropout, build_model, cache_frames, short_attention
 
 TINY = tiny_architecture(levels=16, frame_size=8, frames=20)
 PATCHES = [
@@ -149,3 +150,46 @@ def test_dropout_only_in_training() -> None:
     assert not torch.equal(model(tokens, actions)[0], model(tokens, actions)[0])
     model.eval()
     assert torch.equal(model(tokens, actions)[0], model(tokens, actions)[0])
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_drops_its_share_and_keeps_the_mean(p: float) -> None:
+    dropout = Dropout(p).train()
+    x = torch.ones(1_000, 1_001, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 0.003  # 1M draws: the standard error is under 0.0005
+    assert abs(y.mean().item() - 1.0) < 0.005
+    assert torch.allclose(y[y != 0], torch.tensor(1 / (1 - p)), rtol=1e-4)
+    y.sum().backward()  # the gradient flows through the kept elements only, scaled alike
+    assert torch.equal(x.grad, y.detach())
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), y)  # the global generator decides, as for torch's dropout
+
+
+def test_dropout_masks_differ_between_calls_and_elements() -> None:
+    """Four elements share each 64-bit random word: neighbours must still be dropped independently."""
+    dropout = Dropout(0.5).train()
+    kept = dropout(torch.ones(400_000)) != 0
+    pairs = kept.view(-1, 4)  # the four 16-bit draws of one word
+    both = (pairs[:, 0] & pairs[:, 1]).float().mean().item()
+    assert abs(both - 0.25) < 0.005
+    assert not torch.equal(kept, dropout(torch.ones(400_000)) != 0)
+    assert torch.equal(Dropout(0.5).eval()(torch.ones(8)), torch.ones(8))
+
+
+@pytest.mark.parametrize("keys", [5, 12])
+def test_short_attention_equals_the_fused_kernel(keys: int) -> None:
+    """The written-out attention of short axes computes what scaled_dot_product_attention does, with a
+    boolean mask (a cache prefix: keys beyond the queries), an additive bias, or none."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 2, 5, 8, generator=generator)
+    k, v = (torch.randn(3, 2, keys, 8, generator=generator) for _ in range(2))
+    for mask in (
+        causal_mask(5, past=keys - 5),
+        torch.randn(2, 5, keys, generator=generator),
+        None,
+    ):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert torch.allclose(short_attention(q, k, v, attn_mask=mask), expected, atol=1e-5)
