@@ -1,13 +1,12 @@
 """Splits, the lazy per-sequence dataset, whole-split loads and the token store's spec."""
 
-import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from mnist_world.dataset import TokenActionDataset, geometry_of, load_split, split_range
+from mnist_world.dataset import geometry_of, load_split, split_range
 from mnist_world.store import StoreError, create_store, write_sequences
 from mnist_world.tokens import token_attributes
 
@@ -33,34 +32,6 @@ def test_splits_are_consecutive_and_checked() -> None:
         split_range("test", 6, 3, 10)
 
 
-def test_lazy_reads_equal_the_store(tmp_path: Path) -> None:
-    tokens_path, actions_path, tokens, actions = make_stores(tmp_path)
-    dataset = TokenActionDataset(tokens_path, actions_path, "val", 6, 3)
-    assert len(dataset) == 3
-    item_tokens, item_actions = dataset[1]
-    assert item_tokens.dtype == torch.int64 and item_tokens.shape == (3, 8, 8)
-    assert item_actions.dtype == torch.float32 and item_actions.shape == (3, 2)
-    np.testing.assert_array_equal(item_tokens.numpy(), tokens[7])
-    np.testing.assert_array_equal(item_actions.numpy(), actions[7])
-    with pytest.raises(IndexError):
-        dataset[3]
-    assert len(TokenActionDataset(tokens_path, actions_path, "train", 6, 3, limit=4)) == 4
-    vocabulary = dataset.vocabulary
-    assert (vocabulary.levels, vocabulary.mask_id, vocabulary.vocab_size) == (16, 16, 17)
-    assert (vocabulary.frame_size, vocabulary.frames) == (8, 3)
-
-
-def test_dataset_works_in_loader_workers(tmp_path: Path) -> None:
-    tokens_path, actions_path, tokens, actions = make_stores(tmp_path)
-    dataset = TokenActionDataset(tokens_path, actions_path, "train", 6, 3)
-    copy = pickle.loads(pickle.dumps(dataset))
-    np.testing.assert_array_equal(copy[5][0].numpy(), tokens[5])
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2)
-    batches = list(loader)
-    np.testing.assert_array_equal(torch.cat([b[0] for b in batches]).numpy(), tokens[:6])
-    np.testing.assert_array_equal(torch.cat([b[1] for b in batches]).numpy(), actions[:6])
-
-
 def test_load_split_reads_a_whole_split(tmp_path: Path) -> None:
     tokens_path, actions_path, tokens, actions = make_stores(tmp_path)
     split_tokens, split_actions = load_split(tokens_path, actions_path, "val", 6, 3)
@@ -69,12 +40,15 @@ def test_load_split_reads_a_whole_split(tmp_path: Path) -> None:
     np.testing.assert_array_equal(split_actions.numpy(), actions[6:9])
     limited, _ = load_split(tokens_path, actions_path, "train", 6, 3, limit=2)
     np.testing.assert_array_equal(limited.numpy(), tokens[:2])
+    vocabulary = geometry_of(tokens_path)
+    assert (vocabulary.levels, vocabulary.mask_id, vocabulary.vocab_size) == (16, 16, 17)
+    assert (vocabulary.frame_size, vocabulary.frames) == (8, 3)
 
 
 def test_too_small_and_mismatched_stores_fail_clearly(tmp_path: Path) -> None:
     tokens_path, actions_path, _, _ = make_stores(tmp_path)
     with pytest.raises(ValueError, match="holds 10 sequences but the val split needs 12"):
-        TokenActionDataset(tokens_path, actions_path, "val", 8, 4)
+        load_split(tokens_path, actions_path, "val", 8, 4)
     other = tmp_path / "other"
     other.mkdir()
     _, short_actions, _, _ = make_stores(other, action_count=9)
@@ -99,10 +73,6 @@ def test_loads_reject_non_finite_actions_and_tokens_beyond_the_levels(tmp_path: 
         StoreError, match=r"actions\.zarr: sequence 7 holds a non-finite action at frame 1 \("
     ):
         load_split(tokens_path, actions_path, "val", 6, 3)
-    dataset = TokenActionDataset(tokens_path, actions_path, "val", 6, 3)
-    dataset[0]
-    with pytest.raises(StoreError, match="sequence 7 holds a non-finite action at frame 1"):
-        dataset[1]
 
     tokens[3, 2, 7, 7] = 16  # the mask id, never a stored token
     with create_store(tokens_path, token_attributes(16, 8, 3, "generate")) as group:
@@ -111,8 +81,6 @@ def test_loads_reject_non_finite_actions_and_tokens_beyond_the_levels(tmp_path: 
         StoreError, match=r"tokens\.zarr: sequence 3 holds token 16, but the store has 16 levels"
     ):
         load_split(tokens_path, actions_path, "train", 6, 3)
-    with pytest.raises(StoreError, match="sequence 3 holds token 16"):
-        TokenActionDataset(tokens_path, actions_path, "train", 6, 3)[3]
 
 
 def test_a_store_whose_shape_contradicts_its_attributes_is_named(tmp_path: Path) -> None:

@@ -59,9 +59,10 @@ class Architecture(ModelConfig):
         return (self.frame_size // self.patch_size) ** 2
 
 
-# Keys and values of the temporal attention for the frames encoded so far, one pair per layer,
-# each (B*N, heads, frames, head_dim).
-FrameCache = list[tuple[Tensor, Tensor]]
+# One layer's keys and values of the temporal attention, each (B*N, heads, frames, head_dim); a cache holds
+# them for the frames encoded so far, one pair per layer.
+KeysValues = tuple[Tensor, Tensor]
+FrameCache = list[KeysValues]
 
 
 def cache_frames(cache: FrameCache | None) -> int:
@@ -123,8 +124,8 @@ class SelfAttention(nn.Module):
         self.proj_dropout = Dropout(dropout)
 
     def forward(
-        self, x: Tensor, mask: Tensor | None = None, prefix: tuple[Tensor, Tensor] | None = None
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        self, x: Tensor, mask: Tensor | None = None, prefix: KeysValues | None = None
+    ) -> tuple[Tensor, KeysValues]:
         # x: (B', L, D); mask: (L, prefix + L) bool, True where attention is allowed, or a float bias added
         # to the scores, (heads, L, L).
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
@@ -168,11 +169,27 @@ class MLP(nn.Module):
         return self.net(x)
 
 
-class SpatioTemporalBlock(nn.Module):
-    """Pre-norm residual block: attention within each frame, then across frames at each position, then MLP."""
+class Block(nn.Module):
+    """Pre-norm residual block: the subclass's attention (`attend`, which also returns the temporal keys and
+    values), then an MLP."""
 
     def __init__(self, arch: Architecture) -> None:
         super().__init__()
+        self.mlp_norm = nn.LayerNorm(arch.embed_dim)
+        self.mlp = MLP(arch.embed_dim, arch.mlp_ratio, arch.dropout)
+
+    def forward(
+        self, x: Tensor, temporal_mask: Tensor | None, prefix: KeysValues | None
+    ) -> tuple[Tensor, KeysValues]:
+        x, keys_values = self.attend(x, temporal_mask, prefix)  # x: (B, T, N, D)
+        return x + self.mlp(self.mlp_norm(x)), keys_values
+
+
+class SpatioTemporalBlock(Block):
+    """Attention within each frame, then across frames at each position, then the MLP."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__(arch)
         dim = arch.embed_dim
         self.spatial_norm = nn.LayerNorm(dim)
         self.spatial = SelfAttention(dim, arch.heads, arch.dropout)
@@ -180,13 +197,11 @@ class SpatioTemporalBlock(nn.Module):
         self.spatial_bias = RelativePositionBias(side, arch.heads) if arch.spatial_bias else None
         self.temporal_norm = nn.LayerNorm(dim)
         self.temporal = SelfAttention(dim, arch.heads, arch.dropout)
-        self.mlp_norm = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, arch.mlp_ratio, arch.dropout)
 
-    def forward(
-        self, x: Tensor, temporal_mask: Tensor | None, prefix: tuple[Tensor, Tensor] | None
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        batch, frames, tokens, _ = x.shape  # (B, T, N, D)
+    def attend(
+        self, x: Tensor, temporal_mask: Tensor | None, prefix: KeysValues | None
+    ) -> tuple[Tensor, KeysValues]:
+        batch = x.shape[0]  # x: (B, T, N, D)
         spatial_in = rearrange(self.spatial_norm(x), "b t n d -> (b t) n d")
         bias = None if self.spatial_bias is None else self.spatial_bias()
         spatial_out, _ = self.spatial(spatial_in, bias)
@@ -194,28 +209,22 @@ class SpatioTemporalBlock(nn.Module):
 
         temporal_in = rearrange(self.temporal_norm(x), "b t n d -> (b n) t d")
         temporal_out, keys_values = self.temporal(temporal_in, temporal_mask, prefix)
-        x = x + rearrange(temporal_out, "(b n) t d -> b t n d", b=batch)
-
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, keys_values
+        return x + rearrange(temporal_out, "(b n) t d -> b t n d", b=batch), keys_values
 
 
-class JointBlock(nn.Module):
-    """Pre-norm residual block with one attention over every position of every frame (under the temporal
-    mask, frame by frame), then MLP: a position reaches a neighbour's past in one hop, where the factorised
-    block needs two (across time, then across space). Its cache has the factorised block's layout."""
+class JointBlock(Block):
+    """One attention over every position of every frame (under the temporal mask, frame by frame), then the
+    MLP: a position reaches a neighbour's past in one hop, where the factorised block needs two (across
+    time, then across space). Its cache has the factorised block's layout."""
 
     def __init__(self, arch: Architecture) -> None:
-        super().__init__()
-        dim = arch.embed_dim
-        self.attention_norm = nn.LayerNorm(dim)
-        self.attention = SelfAttention(dim, arch.heads, arch.dropout)
-        self.mlp_norm = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, arch.mlp_ratio, arch.dropout)
+        super().__init__(arch)
+        self.attention_norm = nn.LayerNorm(arch.embed_dim)
+        self.attention = SelfAttention(arch.embed_dim, arch.heads, arch.dropout)
 
-    def forward(
-        self, x: Tensor, temporal_mask: Tensor | None, prefix: tuple[Tensor, Tensor] | None
-    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def attend(
+        self, x: Tensor, temporal_mask: Tensor | None, prefix: KeysValues | None
+    ) -> tuple[Tensor, KeysValues]:
         batch, frames, positions, _ = x.shape  # (B, T, N, D)
         mask = None
         if temporal_mask is not None:  # (T, P + T) frames -> (T N, (P + T) N) positions, frame-major
@@ -225,7 +234,6 @@ class JointBlock(nn.Module):
         attention_in = rearrange(self.attention_norm(x), "b t n d -> b (t n) d")
         attention_out, (keys, values) = self.attention(attention_in, mask, prefix)
         x = x + rearrange(attention_out, "b (t n) d -> b t n d", t=frames)
-        x = x + self.mlp(self.mlp_norm(x))
         cache = tuple(rearrange(p, "b h (f n) d -> (b n) h f d", n=positions) for p in (keys, values))
         return x, cache
 

@@ -185,21 +185,30 @@ def unmask(
     return flat.view(shape)
 
 
-def decode(
+def new_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A generator on `device` seeded with `seed`: same seed, same device, same samples."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@torch.no_grad()
+def predict_future(
     model: Model,
     past: Tensor,
     actions: Tensor,
     config: SampleConfig,
+    *,
     mask_id: int,
     generator: torch.Generator,
     cached: bool = True,
     on_step: StepCallback | None = None,
 ) -> Tensor:
-    """Decode the frames after `past` (B, P, H, W), P >= 0, for actions (B, T, 2): returns (B, T - P, H, W).
+    """Future token frames (B, T - P, H, W) after the past tokens (B, P, H, W), P >= 0, under the true actions
+    of all T frames (B, T, 2), past ones included (the original zeroed them).
 
     joint: all T - P frames together under the causal temporal mask, K iterations over all their tokens.
     autoregressive: one frame at a time, K iterations each, each decoded frame then joining the context.
     """
+    past, actions = past.long(), actions.float()
     batch, frames = actions.shape[:2]
     future = frames - past.shape[1]
     if future < 1:
@@ -223,28 +232,6 @@ def decode(
     for frame in range(future):
         context = context.append(model, decode_frames(frame, 1))
     return context.tokens[:, -future:]
-
-
-def new_generator(seed: int, device: torch.device | str) -> torch.Generator:
-    """A generator on `device` seeded with `seed`: same seed, same device, same samples."""
-    return torch.Generator(device=device).manual_seed(seed)
-
-
-@torch.no_grad()
-def predict_future(
-    model: Model,
-    past: Tensor,
-    actions: Tensor,
-    config: SampleConfig,
-    *,
-    mask_id: int,
-    generator: torch.Generator,
-    cached: bool = True,
-    on_step: StepCallback | None = None,
-) -> Tensor:
-    """Future token frames (B, T - P, H, W) after the past tokens (B, P, H, W), under the true actions of all
-    T frames (B, T, 2), past ones included (the original zeroed them)."""
-    return decode(model, past.long(), actions.float(), config, mask_id, generator, cached, on_step)
 
 
 @torch.no_grad()
@@ -284,4 +271,6 @@ def generate(
     empty = torch.empty(
         (actions.shape[0], 0, frame_size, frame_size), dtype=torch.long, device=actions.device
     )
-    return decode(model, empty, actions.float(), config, mask_id, generator, True, on_step)
+    return predict_future(
+        model, empty, actions, config, mask_id=mask_id, generator=generator, on_step=on_step
+    )
