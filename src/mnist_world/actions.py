@@ -19,9 +19,9 @@ from mnist_world.store import (
     SequenceArray,
     StoreError,
     attribute,
-    bulk_io,
     create_sequence_array,
     create_store,
+    in_bulk,
     open_array,
     write_blocks,
 )
@@ -76,6 +76,7 @@ def step_errors(tracked: np.ndarray, true: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.diff(tracked, axis=1) - np.diff(true, axis=1), axis=-1)
 
 
+@in_bulk
 def build_actions_store(
     raw_path: str | Path,
     output: str | Path,
@@ -94,18 +95,6 @@ def build_actions_store(
     or in two places, or its digits never stood apart: the position there is a guess) and
     `never_apart_sequences`.
     """
-    with bulk_io(sequences_per_shard):
-        return _build_actions_store(raw_path, output, config, frame_size, sequences_per_shard, progress)
-
-
-def _build_actions_store(
-    raw_path: str | Path,
-    output: str | Path,
-    config: ActionsConfig,
-    frame_size: int,
-    sequences_per_shard: int,
-    progress: bool,
-) -> dict[str, Any]:
     if config.tracking_size > MAX_TRACKING_SIZE:
         raise ValueError(
             f"actions.tracking_size: {config.tracking_size} is larger than {MAX_TRACKING_SIZE}, the widest "
@@ -115,21 +104,7 @@ def _build_actions_store(
     count, length, _, width = frames.shape
     digits = int(attribute(raw_path, "digits"))
     to_tokens = frame_size / width  # canvas pixels -> token pixels
-    attributes = {
-        "method": "ground_truth" if truth else "tracking",
-        "frame_size": frame_size,
-        "frames": length,
-        "canvas": width,
-        "normalisation": NORMALISATION,
-        "ego": EGO_RULE,
-        "source": attribute(raw_path, "source"),
-        "tracking": {
-            "threshold": config.threshold,
-            "min_area": config.min_area,
-            "size": config.tracking_size,
-            "digits": digits,
-        },
-    }
+    attributes = _store_attributes(raw_path, config, frame_size, frames.shape, truth is not None, digits)
     errors, mismatched = [], 0
     lost = never_apart = 0
     with create_store(output, attributes) as group:
@@ -153,6 +128,33 @@ def _build_actions_store(
     if truth:
         report |= _tracker_scores(np.concatenate(errors).ravel(), mismatched)
     return report
+
+
+def _store_attributes(
+    raw_path: str | Path,
+    config: ActionsConfig,
+    frame_size: int,
+    shape: tuple[int, ...],
+    ground_truth: bool,
+    digits: int,
+) -> dict[str, Any]:
+    """What the action store records of itself: how the actions were made, their scale, and the tracker's
+    settings (which evaluation and the playground track with)."""
+    return {
+        "method": "ground_truth" if ground_truth else "tracking",
+        "frame_size": frame_size,
+        "frames": shape[1],
+        "canvas": shape[-1],
+        "normalisation": NORMALISATION,
+        "ego": EGO_RULE,
+        "source": attribute(raw_path, "source"),
+        "tracking": {
+            "threshold": config.threshold,
+            "min_area": config.min_area,
+            "size": config.tracking_size,
+            "digits": digits,
+        },
+    }
 
 
 def _open_raw(raw_path: str | Path) -> tuple[SequenceArray, tuple[SequenceArray, SequenceArray] | None]:

@@ -14,9 +14,9 @@ from mnist_world.config import TokensConfig
 from mnist_world.store import (
     StoreError,
     attribute,
-    bulk_io,
     create_sequence_array,
     create_store,
+    in_bulk,
     open_array,
     write_blocks,
 )
@@ -95,6 +95,7 @@ def _blocks(count: int, size: int, desc: str, progress: bool) -> Any:
     return tqdm(range(0, count, size), desc=desc, unit="block", disable=not progress)
 
 
+@in_bulk
 def build_frames_store(
     raw_path: str | Path,
     output: str | Path,
@@ -106,13 +107,6 @@ def build_frames_store(
 
     Works a shard of sequences at a time, so memory stays bounded whatever N. Returns the attributes written.
     """
-    with bulk_io(sequences_per_shard):
-        return _build_frames_store(raw_path, output, config, sequences_per_shard, progress)
-
-
-def _build_frames_store(
-    raw_path: str | Path, output: str | Path, config: TokensConfig, sequences_per_shard: int, progress: bool
-) -> dict[str, Any]:
     raw = open_array(raw_path, "frames", ndim=4, dtype=np.uint8)
     count, length, height, width = raw.shape
     if height != width:

@@ -8,16 +8,21 @@ shard per block of sequences (a handful of files for DVC to hash).
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import zarr
 import zarr.codecs
 
 from mnist_world.atomic import atomic_path
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class StoreError(ValueError):
@@ -48,6 +53,18 @@ def bulk_io(sequences_per_shard: int) -> contextlib.AbstractContextManager:
     return zarr.config.set(
         {"array.write_empty_chunks": True, "codec_pipeline.batch_size": max(1, sequences_per_shard)}
     )
+
+
+def in_bulk(build: Callable[P, R]) -> Callable[P, R]:
+    """Run a store builder under `bulk_io`, sized by its own `sequences_per_shard` argument."""
+    signature = inspect.signature(build)
+
+    @functools.wraps(build)
+    def builder(*args: P.args, **kwargs: P.kwargs) -> R:
+        with bulk_io(signature.bind(*args, **kwargs).arguments["sequences_per_shard"]):
+            return build(*args, **kwargs)
+
+    return builder
 
 
 def create_sequence_array(

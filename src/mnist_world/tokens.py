@@ -16,9 +16,9 @@ from mnist_world.metrics import psnr_from_mse
 from mnist_world.store import (
     StoreError,
     attribute,
-    bulk_io,
     create_sequence_array,
     create_store,
+    in_bulk,
     integer_attribute,
     open_array,
     write_blocks,
@@ -148,6 +148,7 @@ class LevelStatistics:
         return float(max(error.sum(), 0.0) / max(self.count.sum(), 1))
 
 
+@in_bulk
 def build_token_store(
     frames_path: str | Path,
     output: str | Path,
@@ -163,18 +164,6 @@ def build_token_store(
     error of the decoded tokens against the continuous frames over every frame, under both decodings: the
     best any token-level model can score in pixel space.
     """
-    with bulk_io(sequences_per_shard):
-        return _build_token_store(frames_path, output, levels, sequences_per_shard, train_sequences, progress)
-
-
-def _build_token_store(
-    frames_path: str | Path,
-    output: str | Path,
-    levels: int,
-    sequences_per_shard: int,
-    train_sequences: int,
-    progress: bool,
-) -> dict[str, Any]:
     frames = open_array(frames_path, "frames", ndim=4, dtype=np.float32)
     count, length, height, width = frames.shape
     if not 0 < train_sequences <= count:
