@@ -18,9 +18,7 @@ from mnist_world.store import integer_attribute
 
 
 def main(
-    params: Annotated[Path, typer.Option(help="Params file; `actions` and `data` are read.")] = Path(
-        "params.yaml"
-    ),
+    params: cli.ParamsFile = cli.PARAMS,
     raw: Annotated[Path, typer.Option(help="Raw frame store to read.")] = Path("data/raw.zarr"),
     tokens: Annotated[Path, typer.Option(help="Token store whose frame size scales the actions.")] = Path(
         "data/tokens.zarr"
@@ -31,9 +29,12 @@ def main(
     report: Annotated[Path, typer.Option(help="Tracking report (DVC metric).")] = Path(
         "reports/actions.json"
     ),
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: cli.Progress = True,
 ) -> None:
-    """Actions from the true trajectories (generated data; the tracker is scored against them) or tracked."""
+    """Actions from the true trajectories (generated data; the tracker is scored against them) or tracked.
+
+    Reads params `actions` and `data`.
+    """
     started = time.perf_counter()
     actions = config.load("actions", params)
     data = config.load("data", params)

@@ -15,16 +15,15 @@ from mnist_world.store import open_array
 
 
 def main(
-    params: Annotated[Path, typer.Option(help="Params file; the `data` section is read.")] = Path(
-        "params.yaml"
-    ),
+    params: cli.ParamsFile = cli.PARAMS,
     output: Annotated[Path, typer.Option(help="Raw frame store to write (replaced atomically).")] = Path(
         "data/raw.zarr"
     ),
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: cli.Progress = True,
 ) -> None:
     """Write the raw Moving MNIST frames, uint8 (sequence, time, H, W), to a zarr store.
 
+    Reads params `data`.
     data.source=generate: bouncing MNIST drawn from real digits, with ground-truth trajectories.
     data.source=url: the canonical file, downloaded to data.path (resumable, checksummed), converted.
     data.source=file: a local time-first .npy file at data.path, converted.

@@ -14,16 +14,17 @@ from mnist_world.frames import build_frames_store
 
 
 def main(
-    params: Annotated[Path, typer.Option(help="Params file; `tokens` and `data` are read.")] = Path(
-        "params.yaml"
-    ),
+    params: cli.ParamsFile = cli.PARAMS,
     raw: Annotated[Path, typer.Option(help="Raw frame store to read.")] = Path("data/raw.zarr"),
     output: Annotated[Path, typer.Option(help="Frame store to write (replaced atomically).")] = Path(
         "data/frames.zarr"
     ),
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: cli.Progress = True,
 ) -> None:
-    """Downsample the raw uint8 frames to tokens.frame_size with tokens.downsample (area or bilinear)."""
+    """Downsample the raw uint8 frames to tokens.frame_size with tokens.downsample (area or bilinear).
+
+    Reads params `tokens` and `data`.
+    """
     started = time.perf_counter()
     tokens = config.load("tokens", params)
     data = config.load("data", params)

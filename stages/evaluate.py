@@ -14,9 +14,7 @@ from mnist_world.evaluation import evaluate
 
 
 def main(
-    params: Annotated[
-        Path, typer.Option(help="Params file: sample, eval and tokens.decode are read.")
-    ] = Path("params.yaml"),
+    params: cli.ParamsFile = cli.PARAMS,
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint to score.")] = Path("models/best.pt"),
     tokens: Annotated[Path, typer.Option(help="Token store.")] = Path("data/tokens.zarr"),
     frames: Annotated[Path, typer.Option(help="Continuous frames store (the metrics' truth).")] = Path(
@@ -25,11 +23,14 @@ def main(
     actions: Annotated[Path, typer.Option(help="Actions store.")] = Path("data/actions.zarr"),
     output: Annotated[Path, typer.Option(help="Report folder.")] = Path("reports/eval"),
     device: Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu) or a torch device.")] = "auto",
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: cli.Progress = True,
 ) -> None:
     """Predict the future of validation sequences (point prediction, sampled futures, the best of them),
     score it against the frames and the trivial baselines, measure action following (true and mirrored
-    actions) and draw strips, GIFs and unconditional samples."""
+    actions) and draw strips, GIFs and unconditional samples.
+
+    Reads params `sample`, `eval` and `tokens.decode`.
+    """
     sample, evaluation = config.load("sample", params), config.load("eval", params)
     decode = config.load("tokens", params).decode
     check_writable(output / "metrics.json")

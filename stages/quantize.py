@@ -15,9 +15,7 @@ from mnist_world.tokens import build_token_store
 
 
 def main(
-    params: Annotated[Path, typer.Option(help="Params file; `tokens` and `data` are read.")] = Path(
-        "params.yaml"
-    ),
+    params: cli.ParamsFile = cli.PARAMS,
     frames: Annotated[Path, typer.Option(help="Frame store to read.")] = Path("data/frames.zarr"),
     output: Annotated[Path, typer.Option(help="Token store to write (replaced atomically).")] = Path(
         "data/tokens.zarr"
@@ -25,9 +23,12 @@ def main(
     report: Annotated[Path, typer.Option(help="Quantization floor (DVC metric).")] = Path(
         "reports/quantize.json"
     ),
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: cli.Progress = True,
 ) -> None:
-    """Quantize the frames into tokens.levels uniform bins; report the error of the decoded tokens."""
+    """Quantize the frames into tokens.levels uniform bins; report the error of the decoded tokens.
+
+    Reads params `tokens` and `data`.
+    """
     started = time.perf_counter()
     tokens = config.load("tokens", params)
     data = config.load("data", params)

@@ -17,9 +17,7 @@ from mnist_world.training import fit
 
 
 def main(
-    params: Annotated[Path, typer.Option(help="Params file; `model`, `train` and `data` are read.")] = Path(
-        "params.yaml"
-    ),
+    params: cli.ParamsFile = cli.PARAMS,
     tokens: Annotated[Path, typer.Option(help="Token store.")] = Path("data/tokens.zarr"),
     actions: Annotated[Path, typer.Option(help="Action store.")] = Path("data/actions.zarr"),
     output: Annotated[Path, typer.Option(help="Checkpoint folder (last.pt, best.pt, epoch_*.pt).")] = Path(
@@ -29,12 +27,13 @@ def main(
         "reports/train"
     ),
     fresh: Annotated[bool, typer.Option(help="Ignore and remove existing checkpoints.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: cli.Progress = True,
 ) -> None:
     """Train with the `train` params, continuing from OUTPUT/last.pt when it comes from the same run.
 
-    One process at a time writes OUTPUT (OUTPUT/.lock holds its PID). With train.nproc > 1 the command
-    re-launches itself under torchrun (DistributedDataParallel); the launcher holds the lock for its ranks.
+    Reads params `model`, `train` and `data`. One process at a time writes OUTPUT (OUTPUT/.lock holds its
+    PID). With train.nproc > 1 the command re-launches itself under torchrun (DistributedDataParallel); the
+    launcher holds the lock for its ranks.
     """
     model_config, train_config = config.load("model", params), config.load("train", params)
     data_config = config.load("data", params)

@@ -14,8 +14,9 @@ import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -30,6 +31,12 @@ ADVICE = {  # errno of an OSError nobody translated -> what to do
     errno.EPERM: "check the permissions",
     errno.ENOENT: "check the path",
 }
+
+
+# The options every stage has (the params sections a stage reads are named in its help).
+PARAMS = Path("params.yaml")
+ParamsFile = Annotated[Path, typer.Option("--params", help="Params file.")]
+Progress = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 
 
 class Terminated(BaseException):
