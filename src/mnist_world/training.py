@@ -198,11 +198,7 @@ class _Run:
         amp = autocast_dtype(config.precision, device)
         intensities = torch.tensor(self.vocabulary.intensities, dtype=torch.float32)
         validation = Validation.build(val_split, config, self.arch, intensities)
-        evaluator: torch.nn.Module = torch.compile(learner.model) if config.compile else learner.model
-        net = evaluator
-        if process.world_size > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            net = torch.nn.parallel.DistributedDataParallel(evaluator, device_ids=ids)
+        evaluator, net = _networks(learner.model, config, process, device)
         log = TrainingLog(reports_dir, learner.curve) if reports_dir and process.is_main else None
 
         def on_log(row: dict[str, Any]) -> None:
@@ -249,6 +245,18 @@ class _Run:
         if log is not None:
             log.write({"best_val_loss": learner.best_val_loss, "epoch": learner.epoch})
         return {**last, "best_val_loss": learner.best_val_loss, "epoch": learner.epoch}
+
+
+def _networks(
+    model: torch.nn.Module, config: TrainConfig, process: Process, device: torch.device
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The model as validation calls it (compiled if `train.compile`) and as training calls it (that, wrapped
+    in DistributedDataParallel when there are several processes)."""
+    evaluator = torch.compile(model) if config.compile else model
+    if process.world_size == 1:
+        return evaluator, evaluator
+    ids = [device.index] if device.type == "cuda" else None
+    return evaluator, torch.nn.parallel.DistributedDataParallel(evaluator, device_ids=ids)
 
 
 def fit(
