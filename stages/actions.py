@@ -33,7 +33,7 @@ def main(
 ) -> None:
     """Actions from the true trajectories (generated data; the tracker is scored against them) or tracked.
 
-    Reads params `actions` and `data`.
+    Reads params `actions` (the tracker's settings) and `data.sequences_per_shard`.
     """
     started = time.perf_counter()
     actions = config.load("actions", params)

@@ -23,7 +23,7 @@ def main(
 ) -> None:
     """Downsample the raw uint8 frames to tokens.frame_size with tokens.downsample (area or bilinear).
 
-    Reads params `tokens` and `data`.
+    Reads params `tokens` (frame_size, downsample) and `data.sequences_per_shard`.
     """
     started = time.perf_counter()
     tokens = config.load("tokens", params)

@@ -27,7 +27,7 @@ def main(
 ) -> None:
     """Quantize the frames into tokens.levels uniform bins; report the error of the decoded tokens.
 
-    Reads params `tokens` and `data`.
+    Reads params `tokens.levels` and `data` (sequences_per_shard, train_sequences: the bins' means).
     """
     started = time.perf_counter()
     tokens = config.load("tokens", params)
