@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import logging
 import os
 import signal
 import sys
@@ -88,8 +89,13 @@ def one_line_errors() -> Iterator[None]:
         raise typer.Exit(code) from None
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise Terminated()
+def _stop(signum: int, frame: FrameType | None) -> None:
+    # Stopped inside zarr's event loop, its pending tasks and coroutines are collected unfinished at exit (a
+    # warning and asyncio's "Task was destroyed but it is pending!" each): consequences of the stop, which
+    # the error line reports, not news for the user.
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
 
 def _warning_line(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
@@ -113,5 +119,6 @@ def run(main: Callable[..., Any]) -> None:
     if not debugging():
         warnings.formatwarning = _warning_line
     if sys.platform != "win32":
-        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
     typer.run(command(main))
