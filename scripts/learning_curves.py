@@ -1,8 +1,10 @@
 """Learning curves: how fast a configuration learns on this machine, in CPU-minutes.
 
 Each run trains one configuration (params.yaml with `-S section.key=value` overrides) with the library's own
-training step, on one thread, for a budget of CPU time (one core's minutes: a measure of work that other
-processes on a shared machine disturb little, unlike wall time or the CPU time of spinning threads). Every
+training step in `train.precision` (bf16 where the CPU has it natively, as the train stage; the committed
+curves other than long_f16_p2_fast were measured in fp32), on one thread, for a budget of CPU time (one
+core's minutes: a measure of work that other processes on a shared machine disturb little, unlike wall time
+or the CPU time of spinning threads). Every
 `--every` CPU-minutes it scores the point prediction (the model's expected pixel values, see
 `sampling.point_prediction`) of the same validation sequences against their decoded true tokens, as a ratio
 to the blank frame's error (< 1: better than an empty frame).
@@ -29,6 +31,7 @@ import yaml
 from mnist_world import config
 from mnist_world.checkpoint import save_checkpoint
 from mnist_world.dataset import load_split
+from mnist_world.devices import autocast_dtype
 from mnist_world.distributed import Process
 from mnist_world.learner import Learner, train_step
 from mnist_world.masking import choose_objectives
@@ -87,7 +90,8 @@ def run(
 
     # The LR schedule spans the budget: its length in steps comes from the speed of a few throwaway steps.
     process, device = Process(), torch.device("cpu")
-    total_steps = max(int(minutes / _minutes_per_step(arch, train_config, train_split)), 1)
+    amp = autocast_dtype(train_config.precision, device)  # as the train stage: bf16 where the CPU has it
+    total_steps = max(int(minutes / _minutes_per_step(arch, train_config, train_split, amp)), 1)
     learner = Learner.build(arch, train_config, total_steps, device)
     torch.manual_seed(derived_seed(train_config.seed, DROPOUT))
     rows: list[dict[str, float]] = []
@@ -95,7 +99,7 @@ def run(
     next_score, epoch, seen = 0.0, 0, 0
 
     def score() -> None:
-        scores = validation.score(learner.model, point_config, process, None)
+        scores = validation.score(learner.model, point_config, process, amp)
         cpu = (time.process_time() - cpu_start) / 60
         rows.append(
             {
@@ -138,7 +142,7 @@ def run(
                 objective,
                 train_config,
                 masks,
-                None,
+                amp,
             )
             seen += len(indices)
             cpu = (time.process_time() - cpu_start) / 60
@@ -163,14 +167,16 @@ def run(
     typer.echo(f"{output / f'{name}.csv'}: {len(rows)} scorings, {learner.step} steps, {seen} sequences")
 
 
-def _minutes_per_step(arch: Architecture, train_config: config.TrainConfig, data: Sequences) -> float:
+def _minutes_per_step(
+    arch: Architecture, train_config: config.TrainConfig, data: Sequences, amp: torch.dtype | None
+) -> float:
     learner = Learner.build(arch, train_config, total_steps=10, device=torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
     tokens, actions = data.tokens[: train_config.batch_size].long(), data.actions[: train_config.batch_size]
-    train_step(learner.model, learner, tokens, actions, "future", train_config, generator, None)  # warm-up
+    train_step(learner.model, learner, tokens, actions, "future", train_config, generator, amp)  # warm-up
     started = time.process_time()
     for _ in range(3):
-        train_step(learner.model, learner, tokens, actions, "future", train_config, generator, None)
+        train_step(learner.model, learner, tokens, actions, "future", train_config, generator, amp)
     return (time.process_time() - started) / 3 / 60
 
 
