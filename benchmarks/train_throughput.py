@@ -10,7 +10,7 @@ dropout), all timed in the same run on the same batches with the library's own t
     python benchmarks/train_throughput.py --device cuda   # GPU: 5 warm-up steps, 30 timed steps
     python benchmarks/train_throughput.py --original      # also with the original's attention dropout
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
-      python benchmarks/train_throughput.py --precision fp32  # as on a CPU with AVX2 only (no AVX-512, no bf16)
+      python benchmarks/train_throughput.py --precision fp32  # as a CPU with AVX2 only (no AVX-512/bf16)
 
 "speedup" is a variant's time per step over ours: how many times faster our path trains. Where ours is
 bf16 on a CPU, "ours in fp32" is what a CPU without native bf16 runs; its speedup over the plain reference
