@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from mnist_world.action_following import Tracker
+from mnist_world.dataset import open_pair
 from mnist_world.store import StoreError, open_array, open_store
 from mnist_world.tokens import Vocabulary
 
@@ -20,17 +21,12 @@ class ValidationStores:
         self, tokens_path: str | Path, frames_path: str | Path, actions_path: str | Path, decode: str
     ):
         self.tokens_path, self.actions_path = Path(tokens_path), Path(actions_path)
-        self.tokens = open_array(tokens_path, "tokens", ndim=4, dtype=np.uint8)
+        self.tokens, self.actions = open_pair(tokens_path, actions_path)  # checked against each other
         self.frames = open_array(frames_path, "frames", ndim=4, dtype=np.float32)
-        self.actions = open_array(actions_path, "actions", ndim=3, dtype=np.float32)
         self.vocabulary = Vocabulary.from_store(tokens_path, decode)
         if self.frames.shape != self.tokens.shape:
             raise StoreError(
                 f"{frames_path}: frames {self.frames.shape} do not match tokens {self.tokens.shape}"
-            )
-        if self.actions.shape != (*self.tokens.shape[:2], 2):
-            raise StoreError(
-                f"{actions_path}: actions {self.actions.shape} do not match tokens {self.tokens.shape}"
             )
         try:
             self.tracker = Tracker.from_attributes(dict(open_store(actions_path).attrs))
