@@ -20,6 +20,7 @@ from mnist_world.sampling import (
     new_generator,
     point_prediction,
     predict_future,
+    unmask,
     warn_if_unguided,
 )
 
@@ -90,6 +91,28 @@ def test_joint_mode_never_remasks_a_kept_token(model, batch):
     for before, after in zip(states, states[1:], strict=False):
         kept = before != MASK
         assert torch.equal(after[kept], before[kept])
+
+
+@pytest.mark.parametrize(
+    ("choice_temperature", "low", "high"), [(0.0, 1.0, 1.0), (1.0, 0.8, 0.999), (100.0, 0.45, 0.55)]
+)
+def test_the_choice_temperature_decides_how_much_confidence_orders_the_kept_tokens(
+    choice_temperature, low, high
+):
+    # Half the positions are certain (one level far above the rest), half uniform over the levels. The
+    # first of 2 iterations keeps 29% of the tokens: by confidence alone all of them certain ones; with
+    # a large choice temperature the Gumbel noise drowns the confidences and the order is random.
+    certain = torch.arange(4096).reshape(1, 1, 64, 64) % 2 == 0  # (1, 1, H, W)
+    logits = torch.where(certain[..., None], 20.0 * torch.eye(LEVELS)[0], torch.zeros(LEVELS))
+    history = []
+    unmask(
+        lambda tokens: logits, torch.full((1, 1, 64, 64), MASK), MASK, steps=2, temperature=1.0,
+        generator=new_generator(0, "cpu"), on_step=lambda step, state: history.append(state.clone()),
+        choice_temperature=choice_temperature,
+    )  # fmt: skip
+    kept = history[0] != MASK
+    assert int(kept.sum()) == 4096 - masked_count(1, 2, 4096)
+    assert low <= float(certain[kept].float().mean()) <= high  # the share of certain tokens among the kept
 
 
 @pytest.mark.parametrize("mode", ["joint", "autoregressive"])

@@ -225,6 +225,7 @@ class SampleConfig:
     steps: Integer
     mode: typing.Literal["joint", "autoregressive"]
     temperature: Number
+    choice_temperature: Number  # scale of the Gumbel noise on the confidences (MaskGIT; CoPilot4D: 4.5)
     guidance: Number
     seed: Integer
 
@@ -232,6 +233,7 @@ class SampleConfig:
     def _check_ranges(self) -> Any:
         require(self.steps >= 1, "sample.steps: must be at least 1")
         require(self.temperature >= 0, "sample.temperature: must not be negative")
+        require(self.choice_temperature >= 0, "sample.choice_temperature: must not be negative")
         require(self.guidance >= 0, "sample.guidance: must not be negative")
         return self
 

@@ -154,13 +154,15 @@ def unmask(
     temperature: float,
     generator: torch.Generator,
     on_step: Callable[[int, Tensor], None] | None = None,
+    choice_temperature: float = 1.0,
 ) -> Tensor:
     """Fill every `mask_id` of `tokens` (B, F, H, W) in `steps` iterations; returns them with no mask left.
 
     Each iteration samples a token at every hidden position, scores it by its log-probability plus Gumbel
-    noise annealed by (1 - k/K), keeps the most confident and hides the rest again, so that after iteration k
-    exactly `masked_count(k, K, N)` tokens stay hidden (N: the hidden tokens at the start, the same for every
-    sequence). A kept token is never hidden again: its confidence is +inf.
+    noise scaled by `choice_temperature` and annealed by (1 - k/K) (MaskGIT's choice temperature), keeps the
+    most confident and hides the rest again, so that after iteration k exactly `masked_count(k, K, N)`
+    tokens stay hidden (N: the hidden tokens at the start, the same for every sequence). A kept token is
+    never hidden again: its confidence is +inf.
     """
     shape = tokens.shape
     flat = tokens.flatten(1)  # (B, M)
@@ -172,7 +174,8 @@ def unmask(
         logits = logits_of(flat.view(shape)).float().flatten(1, -2)  # (B, M, V)
         sampled = sample_tokens(logits, temperature, generator)  # (B, M)
         log_prob = logits.log_softmax(dim=-1).gather(-1, sampled[..., None])[..., 0]  # (B, M)
-        confidence = log_prob + (1 - step / steps) * gumbel_noise(log_prob.shape, generator)
+        noise = choice_temperature * (1 - step / steps) * gumbel_noise(log_prob.shape, generator)
+        confidence = log_prob + noise
         confidence = confidence.masked_fill(~masked, math.inf)
         flat = torch.where(masked, sampled, flat)
         # The least confident stay hidden; all of them are among the tokens hidden so far, since
@@ -225,7 +228,10 @@ def predict_future(
 
         callback = None if on_step is None else (lambda step, tokens: on_step(first, step, tokens))
         blank = torch.full((batch, count, height, width), mask_id, dtype=torch.long, device=actions.device)
-        return unmask(logits_of, blank, mask_id, config.steps, config.temperature, generator, callback)
+        return unmask(
+            logits_of, blank, mask_id, config.steps, config.temperature, generator, callback,
+            choice_temperature=config.choice_temperature,
+        )  # fmt: skip
 
     if config.mode == "joint":
         return decode_frames(0, future)

@@ -88,6 +88,7 @@ def play(
             steps=sample.steps if steps is None else steps,
             temperature=sample.temperature if temperature is None else temperature,
             guidance=sample.guidance if guidance is None else guidance,
+            choice_temperature=sample.choice_temperature,
         )
         resolved = str(resolve_device(device))
     except ValueError as error:

@@ -24,6 +24,7 @@ class SamplerSettings:
     steps: int = 20
     temperature: float = 1.0
     guidance: float = 0.0
+    choice_temperature: float = 1.0  # sampling.unmask's
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -32,6 +33,8 @@ class SamplerSettings:
             raise ValueError(f"temperature must not be negative, got {self.temperature}")
         if self.guidance < 0:
             raise ValueError(f"guidance must not be negative, got {self.guidance}")
+        if self.choice_temperature < 0:
+            raise ValueError(f"choice temperature must not be negative, got {self.choice_temperature}")
 
 
 class Dreamer:
@@ -73,6 +76,9 @@ class Dreamer:
         height, width = context.tokens.shape[2:]
         mask_id = self.model.arch.mask_id
         blank = torch.full((1, 1, height, width), mask_id, dtype=torch.long, device=actions.device)
-        frame = unmask(logits_of, blank, mask_id, settings.steps, settings.temperature, generator)
+        frame = unmask(
+            logits_of, blank, mask_id, settings.steps, settings.temperature, generator,
+            choice_temperature=settings.choice_temperature,
+        )  # fmt: skip
         self.context = context.append(self.model, frame)
         return frame[0, 0]

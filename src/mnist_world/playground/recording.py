@@ -30,6 +30,7 @@ class Recording:
     seed: int
     steps: int
     guidance: float
+    choice_temperature: float
     keep: int
     frames: tuple[PlayedFrame, ...]
 
@@ -41,6 +42,7 @@ class Recording:
             seed=session.seed,
             steps=session.settings.steps,
             guidance=session.settings.guidance,
+            choice_temperature=session.settings.choice_temperature,
             keep=session.keep,
             frames=tuple(session.played),
         )
@@ -70,6 +72,7 @@ class Recording:
                 seed=int(payload["seed"]),
                 steps=int(payload["steps"]),
                 guidance=float(payload["guidance"]),
+                choice_temperature=float(payload.get("choice_temperature", 1.0)),  # older recordings: 1
                 keep=int(payload["keep"]),
                 frames=tuple(played),
             )
@@ -79,7 +82,9 @@ class Recording:
 
 def replay(recording: Recording, world: World) -> Session:
     """Play the recorded actions again from the recorded start: the session holds the same frames."""
-    settings = SamplerSettings(steps=recording.steps, guidance=recording.guidance)
+    settings = SamplerSettings(
+        steps=recording.steps, guidance=recording.guidance, choice_temperature=recording.choice_temperature
+    )
     session = Session(world, recording.sequence, recording.seed, settings, keep=recording.keep)
     for frame in recording.frames:
         request = StepRequest("replay", len(session.frames), frame.action, frame.temperature, frame.truth)
