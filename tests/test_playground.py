@@ -382,12 +382,15 @@ def stores_arguments(root: Path) -> list[str]:
 
 
 def test_replay_reproduces_a_sessions_frames_and_its_gif(world):
-    session = Session(world, 8, seed=4, settings=SAMPLER)
+    # A choice temperature other than the default changes the frames: the recording must carry it.
+    session = Session(world, 8, seed=4, settings=dataclasses.replace(SAMPLER, choice_temperature=4.5))
     steps_of(session, MOVES, temperature=0.8)
-    recording = Recording.from_json(json.loads(json.dumps(Recording.of(session).to_json())))
-    again = replay(recording, world)
+    payload = json.loads(json.dumps(Recording.of(session).to_json()))
+    again = replay(Recording.from_json(payload), world)
     np.testing.assert_array_equal(np.stack(again.frames), np.stack(session.frames))
     assert animation_gif(again) == animation_gif(session)
+    del payload["choice_temperature"]  # a recording made before the setting existed: MaskGIT's 1
+    assert Recording.from_json(payload).choice_temperature == 1.0
 
 
 def test_a_recording_in_another_format_is_refused():
