@@ -154,7 +154,8 @@ def unmask(
     temperature: float,
     generator: torch.Generator,
     on_step: Callable[[int, Tensor], None] | None = None,
-    choice_temperature: float = 1.0,
+    *,
+    choice_temperature: float,
 ) -> Tensor:
     """Fill every `mask_id` of `tokens` (B, F, H, W) in `steps` iterations; returns them with no mask left.
 
