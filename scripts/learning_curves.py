@@ -31,7 +31,7 @@ import yaml
 from mnist_world import config
 from mnist_world.checkpoint import save_checkpoint
 from mnist_world.dataset import load_split
-from mnist_world.devices import autocast_dtype
+from mnist_world.devices import autocast_dtype, keep_freed_memory
 from mnist_world.distributed import Process
 from mnist_world.learner import Learner, train_step
 from mnist_world.masking import choose_objectives
@@ -75,6 +75,7 @@ def run(
 ) -> None:
     """Train NAME's configuration for MINUTES of CPU time; score it every EVERY CPU-minutes."""
     torch.set_num_threads(threads)
+    keep_freed_memory()  # as the train stage
     raw = override(config.read_params(params), set_)
     model_config = config.build(config.ModelConfig, "model", raw["model"])
     train_config = config.build(config.TrainConfig, "train", {**raw["train"], "device": "cpu"})

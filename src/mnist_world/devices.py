@@ -5,8 +5,15 @@ evaluation and the benchmarks.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import sys
 
 import torch
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -49,3 +56,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep freed memory for the next allocation instead of returning it to the OS.
+
+    By default glibc serves every block over 32 MiB with a fresh mmap and unmaps it on free, so a training
+    step's large activations are new pages each step, which the kernel faults in and zeroes one 4 KiB page
+    at a time: on the recipe model at 32x32 that was a fifth of our step and two thirds of the plain
+    reference's (an fp32 add of two activations 13.5 ms instead of 3.3). Process-wide and one-way: the
+    memory stays with the process (its peak stays its footprint). Does nothing where malloc is not glibc's.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # no libc found, or one without mallopt (musl)
+        return
+    mallopt(_M_MMAP_MAX, 0)  # every block from the heap, none mmapped on its own
+    mallopt(_M_TRIM_THRESHOLD, -1)  # and the heap's free top never trimmed (-1: mallopt(3)'s "disable")

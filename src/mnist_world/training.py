@@ -21,7 +21,7 @@ from torch import Tensor
 from mnist_world.checkpoint import BEST, LAST, load_checkpoint, verify_checkpoint
 from mnist_world.config import DataConfig, ModelConfig, TrainConfig, as_dict
 from mnist_world.dataset import load_split
-from mnist_world.devices import autocast_dtype, resolve_device
+from mnist_world.devices import autocast_dtype, keep_freed_memory, resolve_device
 from mnist_world.distributed import Process, close_process, init_process
 from mnist_world.learner import Learner
 from mnist_world.model import Architecture
@@ -101,6 +101,7 @@ def train(
     it. `vocabulary` decodes tokens for the point prediction's error (bin centres when None). Under torchrun
     (WORLD_SIZE > 1) every process calls this; rank 0 alone writes files.
     """
+    keep_freed_memory()
     process = init_process(config.device)
     vocabulary = vocabulary or Vocabulary.uniform(arch.levels, arch.frame_size, arch.frames)
     try:
