@@ -11,7 +11,15 @@ from conftest import from_params, tiny_architecture
 
 from mnist_world.config import ModelConfig
 from mnist_world.masking import causal_mask, identity_mask
-from mnist_world.model import Architecture, Dropout, build_model, cache_frames, short_attention
+from mnist_world.model import (
+    WRITTEN_OUT_SCORES,
+    Architecture,
+    Dropout,
+    build_model,
+    cache_frames,
+    short_attention,
+    written_out,
+)
 
 TINY = tiny_architecture(levels=16, frame_size=8, frames=20)
 PATCHES = [
@@ -177,6 +185,31 @@ def test_dropout_masks_differ_between_calls_and_elements() -> None:
     assert abs(both - 0.25) < 0.005
     assert not torch.equal(kept, dropout(torch.ones(400_000)) != 0)
     assert torch.equal(Dropout(0.5).eval()(torch.ones(8)), torch.ones(8))
+
+
+def test_training_in_bf16_on_a_cpu_writes_long_attention_out() -> None:
+    """Past SHORT_KEYS keys attention is written out only for training (q wants a gradient) in bf16 on a
+    CPU with at most WRITTEN_OUT_SCORES scores; there it computes what fp32 attention does, forward and
+    backward, within bf16's rounding."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 256, 32, generator=generator) for _ in range(3))
+    leaves = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    assert written_out(leaves[0], leaves[1])
+    assert not written_out(leaves[0].detach(), leaves[1])  # inference
+    assert not written_out(q.requires_grad_(), k)  # fp32
+    huge = torch.zeros(1, 1, 1, 32, dtype=torch.bfloat16, requires_grad=True).expand(4096, 4, 1024, 32)
+    assert huge.shape[:-1].numel() * 1024 > WRITTEN_OUT_SCORES and not written_out(huge, huge)
+
+    out = short_attention(*leaves)
+    out.float().square().sum().backward()
+    reference = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*reference)
+    expected.square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), expected, atol=0.02, rtol=0.02)
+    for mine, theirs in zip(leaves, reference, strict=True):
+        scale = theirs.grad.abs().max()
+        assert (mine.grad.float() - theirs.grad).abs().max() < 0.03 * scale
 
 
 @pytest.mark.parametrize("keys", [5, 12])
