@@ -1,9 +1,12 @@
 """Training throughput of the fast recipe (the recipe's model, batch 4, future objective), in sequences per
-second: our path (the model as it trains: fused attention within frames, written-out attention across the 20
-frames, dropout drawn 16 bits at a time, bf16 autocast where the CPU has it natively) beside a plain
-reference of the same weights (fp32, attention as explicit softmax(q k^T / sqrt(d) + mask) v, torch's
-dropout), all timed in the same run on the same batches with the library's own training step
-(`learner.train_step`), and against the machine's matmul roofline.
+second: our path (the model as it trains: attention written out in bf16 on a CPU and across the 20 frames,
+the fused kernel within frames otherwise, dropout drawn 16 bits at a time, bf16 autocast where the CPU has
+it natively) beside a plain reference of the same weights (fp32, attention as explicit
+softmax(q k^T / sqrt(d) + mask) v, torch's dropout), all timed in the same run on the same batches with the
+library's own training step (`learner.train_step`), and against the machine's matmul roofline. The process
+keeps freed memory for reuse, as training does (`devices.keep_freed_memory`); `--return-freed-memory`
+leaves glibc's default, under which every variant pays page faults on its large activations, the reference
+most (its (L, L) scores).
 
     python benchmarks/train_throughput.py                 # CPU: 1 warm-up step, 3 timed steps per variant
     python benchmarks/train_throughput.py --patch 4       # the model with 4 x 4 patch tokens
@@ -36,7 +39,7 @@ from torch import Tensor
 
 from mnist_world import recipe
 from mnist_world.config import TrainConfig
-from mnist_world.devices import autocast_dtype, cpu_has_native_bf16, resolve_device
+from mnist_world.devices import autocast_dtype, cpu_has_native_bf16, keep_freed_memory, resolve_device
 from mnist_world.learner import Learner, configure_optimizer, train_step
 from mnist_world.model import Architecture, Dropout, SelfAttention, WorldModel, build_model
 
@@ -136,6 +139,15 @@ def peak_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048
     return 2 * size**3 / best
 
 
+def matmul_peaks(device: torch.device, precisions: set[str], native_bf16: bool) -> dict[str, float]:
+    """The peak matmul rate of each precision; bf16 without native support is emulated, so its roofline
+    is the fp32 one."""
+    peaks = {"fp32": peak_matmul_flops(device, torch.float32)}
+    if "bf16" in precisions:
+        peaks["bf16"] = peak_matmul_flops(device, torch.bfloat16) if native_bf16 else peaks["fp32"]
+    return peaks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -161,7 +173,14 @@ def main() -> None:
         help="also attention-weight dropout 0.1 (the original's), SDPA and plain",
     )
     parser.add_argument("--no-reference", action="store_true", help="time our path only")
+    parser.add_argument(
+        "--return-freed-memory",
+        action="store_true",
+        help="leave glibc's malloc as it is (training keeps freed memory: devices.keep_freed_memory)",
+    )
     args = parser.parse_args()
+    if not args.return_freed_memory:
+        keep_freed_memory()  # as training does; process-wide, so the reference runs with it too
 
     device = resolve_device(args.device)
     gpu = device.type != "cpu"
@@ -207,6 +226,10 @@ def main() -> None:
     )
     steppers = {name: training_step(variant, config, device, amp) for name, variant, amp in variants}
     precision = {name: "bf16" if amp else "fp32" for name, _, amp in variants}
+    native_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    # The peaks before and after the steps, the higher kept: a neighbour's load during one measurement
+    # would otherwise lower the roofline and flatter every variant.
+    peaks_before = matmul_peaks(device, set(precision.values()), native_bf16)
     seconds: dict[str, list[float]] = {name: [] for name in steppers}
     # Round-robin, one step of each variant per round: on a shared machine, load that comes and goes
     # then slows every variant alike instead of whichever happened to run at the time.
@@ -220,12 +243,8 @@ def main() -> None:
     results = {name: statistics.median(values) for name, values in seconds.items()}
 
     flops = step_flops(model, config, batches[0])
-    native_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
-    # Each variant against the peak of the precision it computes in; bf16 without native support is
-    # emulated, so its roofline is the fp32 one.
-    peaks = {"fp32": peak_matmul_flops(device, torch.float32)}
-    if "bf16" in precision.values():
-        peaks["bf16"] = peak_matmul_flops(device, torch.bfloat16) if native_bf16 else peaks["fp32"]
+    peaks_after = matmul_peaks(device, set(precision.values()), native_bf16)
+    peaks = {name: max(peaks_before[name], peaks_after[name]) for name in peaks_before}
     shown = ", ".join(f"{name} {peak / 1e9:.0f} GFLOP/s" for name, peak in peaks.items())
     print(
         f"\none step: {flops / 1e9:.1f} GFLOP ({flops / args.batch / 1e9:.1f} per sequence); peak matmul "
