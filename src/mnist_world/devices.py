@@ -1,5 +1,5 @@
-"""Where tensors live and in which precision: device choice and bf16 autocast, shared by training,
-evaluation and the benchmarks.
+"""Where tensors live and in which precision (device choice and bf16 autocast, shared by training,
+evaluation and the benchmarks), and how the process keeps its memory (glibc's malloc, for training).
 """
 
 from __future__ import annotations
