@@ -18,10 +18,11 @@ from typing import Annotated
 
 import typer
 
-from mnist_world import actions, config
-from mnist_world.frames import build_frames_store
-from mnist_world.sources import build_raw_store
-from mnist_world.tokens import build_token_store
+from mnist_world import config
+from mnist_world.actions import ego as actions
+from mnist_world.data.frames import build_frames_store
+from mnist_world.data.sources import build_raw_store
+from mnist_world.data.tokens import build_token_store
 
 
 def _timed_tracker() -> dict[str, float]:

@@ -35,7 +35,7 @@ import torch
 import typer
 
 from mnist_world import config
-from mnist_world.model import Architecture, build_model
+from mnist_world.model.network import Architecture, build_model
 from mnist_world.playground.dreamer import SamplerSettings
 from mnist_world.playground.protocol import StepRequest
 from mnist_world.playground.session import Session, overlay_centres

@@ -23,9 +23,9 @@ import torch
 import typer
 
 from mnist_world import config
-from mnist_world.devices import resolve_device
-from mnist_world.model import Architecture, build_model
-from mnist_world.sampling import new_generator, predict_future
+from mnist_world.core.devices import resolve_device
+from mnist_world.model.network import Architecture, build_model
+from mnist_world.model.sampling import new_generator, predict_future
 
 LEVELS, FRAME_SIZE, FRAMES, PAST = 16, 32, 20, 10
 

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from mnist_world import recipe
 from mnist_world.config import TrainConfig
-from mnist_world.devices import autocast_dtype, cpu_has_native_bf16, keep_freed_memory, resolve_device
-from mnist_world.learner import Learner, configure_optimizer, train_step
-from mnist_world.model import Architecture, Dropout, SelfAttention, WorldModel, build_model
+from mnist_world.core.devices import autocast_dtype, cpu_has_native_bf16, keep_freed_memory, resolve_device
+from mnist_world.model.network import Architecture, Dropout, SelfAttention, WorldModel, build_model
+from mnist_world.training import recipe
+from mnist_world.training.learner import Learner, configure_optimizer, train_step
 
 
 class PlainSelfAttention(SelfAttention):

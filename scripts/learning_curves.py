@@ -29,18 +29,18 @@ import typer
 import yaml
 
 from mnist_world import config
-from mnist_world.checkpoint import save_checkpoint
-from mnist_world.dataset import load_split
-from mnist_world.devices import autocast_dtype, keep_freed_memory
-from mnist_world.distributed import Process
-from mnist_world.learner import Learner, train_step
-from mnist_world.masking import choose_objectives
-from mnist_world.model import Architecture
-from mnist_world.randomness import derived_seed
-from mnist_world.tokens import Vocabulary
-from mnist_world.training import run_params
-from mnist_world.training_epoch import DROPOUT, MASKS, OBJECTIVES, Sequences, epoch_batches
-from mnist_world.validation import Validation
+from mnist_world.core.devices import autocast_dtype, keep_freed_memory
+from mnist_world.core.randomness import derived_seed
+from mnist_world.data.dataset import load_split
+from mnist_world.data.tokens import Vocabulary
+from mnist_world.model.checkpoint import save_checkpoint
+from mnist_world.model.masking import choose_objectives
+from mnist_world.model.network import Architecture
+from mnist_world.training.distributed import Process
+from mnist_world.training.epoch import DROPOUT, MASKS, OBJECTIVES, Sequences, epoch_batches
+from mnist_world.training.fit import run_params
+from mnist_world.training.learner import Learner, train_step
+from mnist_world.training.validation import Validation
 
 app = typer.Typer(add_completion=False, no_args_is_help=True)
 

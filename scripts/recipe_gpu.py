@@ -35,13 +35,14 @@ from typing import Annotated, Any
 import torch
 import typer
 
-from mnist_world import config, recipe
-from mnist_world.atomic import write_json
-from mnist_world.checkpoint import load_checkpoint
-from mnist_world.devices import resolve_device
-from mnist_world.evaluation import evaluate
-from mnist_world.store import create_store, open_array, open_store, write_sequences
-from mnist_world.training import fit
+from mnist_world import config
+from mnist_world.core.atomic import write_json
+from mnist_world.core.devices import resolve_device
+from mnist_world.core.store import create_store, open_array, open_store, write_sequences
+from mnist_world.evaluation.evaluate import evaluate
+from mnist_world.model.checkpoint import load_checkpoint
+from mnist_world.training import recipe
+from mnist_world.training.fit import fit
 
 STORES = {"tokens.zarr": "tokens", "frames.zarr": "frames", "actions.zarr": "actions"}
 # What zarr 3 needs beyond the GPU machine's own packages, for its Python (3.12, x86-64).

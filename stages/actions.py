@@ -12,9 +12,9 @@ from typing import Annotated
 import typer
 
 from mnist_world import cli, config
-from mnist_world.actions import build_actions_store
-from mnist_world.atomic import check_writable, write_json
-from mnist_world.store import integer_attribute
+from mnist_world.actions.ego import build_actions_store
+from mnist_world.core.atomic import check_writable, write_json
+from mnist_world.core.store import integer_attribute
 
 
 def main(

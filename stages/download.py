@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 
 from mnist_world import cli, config
-from mnist_world.atomic import check_writable
-from mnist_world.sources import build_raw_store
-from mnist_world.store import open_array
+from mnist_world.core.atomic import check_writable
+from mnist_world.core.store import open_array
+from mnist_world.data.sources import build_raw_store
 
 
 def main(

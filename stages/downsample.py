@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 
 from mnist_world import cli, config
-from mnist_world.atomic import check_writable
-from mnist_world.frames import build_frames_store
+from mnist_world.core.atomic import check_writable
+from mnist_world.data.frames import build_frames_store
 
 
 def main(

@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 
 from mnist_world import cli, config
-from mnist_world.atomic import check_writable
-from mnist_world.devices import resolve_device
-from mnist_world.evaluation import evaluate
+from mnist_world.core.atomic import check_writable
+from mnist_world.core.devices import resolve_device
+from mnist_world.evaluation.evaluate import evaluate
 
 
 def main(

@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 
 from mnist_world import cli, config
-from mnist_world.atomic import check_writable, write_json
-from mnist_world.tokens import build_token_store
+from mnist_world.core.atomic import check_writable, write_json
+from mnist_world.data.tokens import build_token_store
 
 
 def main(

@@ -10,10 +10,10 @@ from typing import Annotated
 import typer
 
 from mnist_world import cli, config
-from mnist_world.atomic import check_writable
-from mnist_world.distributed import inside_torchrun, launch_distributed
-from mnist_world.run_folder import ModelsLock, recover_set_aside
-from mnist_world.training import fit
+from mnist_world.core.atomic import check_writable
+from mnist_world.training.distributed import inside_torchrun, launch_distributed
+from mnist_world.training.fit import fit
+from mnist_world.training.run_folder import ModelsLock, recover_set_aside
 
 
 def main(

@@ -12,7 +12,7 @@ import torch
 
 from mnist_world import config
 from mnist_world.config import ModelConfig
-from mnist_world.model import Architecture
+from mnist_world.model.network import Architecture
 
 ROOT = Path(__file__).resolve().parents[1]
 C = TypeVar("C")

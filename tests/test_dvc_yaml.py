@@ -17,8 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
+def module_files(name: str) -> list[Path]:
+    """The files that importing `name` runs: each enclosing package's `__init__.py`, then the module itself
+    (a module file, or a package's `__init__.py`); none when `name` is not a library module."""
+    parts = name.split(".")
+    files = [Path("src", *parts[:i], "__init__.py") for i in range(1, len(parts))]
+    module = Path("src", *parts).with_suffix(".py")
+    package = Path("src", *parts, "__init__.py")
+    target = module if (ROOT / module).is_file() else package if (ROOT / package).is_file() else None
+    return [*files, target] if target else []
+
+
 def library_imports(path: Path, found: set[str] | None = None) -> set[str]:
-    """Every `src/mnist_world/*.py` that `path` imports, directly or through other library modules."""
+    """Every file under `src/mnist_world/` that importing `path` runs, directly or through other library
+    modules (the packages' `__init__.py` included)."""
     found = set() if found is None else found
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mnist_world"):
@@ -28,10 +40,10 @@ def library_imports(path: Path, found: set[str] | None = None) -> set[str]:
         else:
             continue
         for name in names:
-            module = Path("src", *name.split(".")).with_suffix(".py")
-            if (ROOT / module).is_file() and str(module) not in found:
-                found.add(str(module))
-                library_imports(ROOT / module, found)
+            for module in module_files(name):
+                if str(module) not in found:
+                    found.add(str(module))
+                    library_imports(ROOT / module, found)
     return found
 
 

@@ -32,16 +32,17 @@ import yaml
 import zarr
 
 from mnist_world import cli
-from mnist_world.atomic import clean_stale_temporaries
-from mnist_world.checkpoint import (
+from mnist_world.core.atomic import clean_stale_temporaries
+from mnist_world.core.store import StoreError, create_store, write_sequences
+from mnist_world.data.dataset import load_split
+from mnist_world.model.checkpoint import (
     CheckpointError,
     load_checkpoint,
     load_model,
     save_checkpoint,
     verify_checkpoint,
 )
-from mnist_world.dataset import load_split
-from mnist_world.run_folder import (
+from mnist_world.training.run_folder import (
     SET_ASIDE,
     ModelsLock,
     discard_set_aside,
@@ -50,7 +51,6 @@ from mnist_world.run_folder import (
     restore_set_aside,
     set_aside,
 )
-from mnist_world.store import StoreError, create_store, write_sequences
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -16,7 +16,7 @@ import typer
 from PIL import Image, ImageSequence
 
 from mnist_world import config
-from mnist_world.devices import resolve_device
+from mnist_world.core.devices import resolve_device
 from mnist_world.playground.dreamer import SamplerSettings
 from mnist_world.playground.recording import Recording, animation_gif, replay
 from mnist_world.playground.server import Playground, PlaySettings, make_server

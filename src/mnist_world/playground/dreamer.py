@@ -13,8 +13,8 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from mnist_world.model.sampling import Context, guide, unmask
 from mnist_world.playground.world import Model
-from mnist_world.sampling import Context, guide, unmask
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_world import pictures
+from mnist_world.evaluation import pictures
 from mnist_world.playground.dreamer import SamplerSettings
 from mnist_world.playground.protocol import StepRequest, parse_step
 from mnist_world.playground.session import PlayedFrame, Session

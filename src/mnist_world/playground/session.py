@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnist_world.action_following import Tracker
+from mnist_world.evaluation.action_following import Tracker
+from mnist_world.model.sampling import new_generator, warn_if_unguided
 from mnist_world.playground.dreamer import Dreamer, SamplerSettings
 from mnist_world.playground.protocol import StepRequest, frame_message
 from mnist_world.playground.world import PlaygroundError, World
-from mnist_world.sampling import new_generator, warn_if_unguided
 
 
 def overlay_centres(tracker: Tracker, frames: np.ndarray) -> np.ndarray | None:

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mnist_world.checkpoint import CheckpointError, load_model
-from mnist_world.dataset import split_range
-from mnist_world.model import Architecture
-from mnist_world.store import StoreError
-from mnist_world.validation_stores import ValidationStores
+from mnist_world.core.store import StoreError
+from mnist_world.data.dataset import split_range
+from mnist_world.evaluation.stores import ValidationStores
+from mnist_world.model.checkpoint import CheckpointError, load_model
+from mnist_world.model.network import Architecture
 
 
 class PlaygroundError(ValueError):

@@ -1,0 +1,2 @@
+"""Scores of sampled futures against the ground truth and the baselines, action following, and
+pictures for people."""

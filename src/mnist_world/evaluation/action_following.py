@@ -1,0 +1,157 @@
+"""Whether a predicted ego digit follows the commanded actions, measured by tracking it in the frames.
+
+Action following (`action_following`): the tracker finds the ego digit (most ink) in every frame of the
+past ground truth followed by the predicted future; its per-frame displacement d_t = c_t - c_{t-1} (pixels at
+the token resolution) is compared with the commanded one a_t * (W/2, H/2):
+- `error_px`: mean over sequences and future frames of |d_t - a_t (W/2, H/2)|;
+- `cosine`: per sequence, the cosine between the whole predicted trajectory of displacements (F x 2, one
+  vector) and the commanded one, averaged over sequences: 1 follows the command exactly in direction,
+  0 ignores it, -1 goes the opposite way;
+- `follows`: the share of sequences whose cosine is positive;
+- `tracked`: the share of sequences where the ego digit could be identified (the means above are over
+  these).
+The counterfactual reruns the sampler on the same past with the future actions mirrored (-dx, -dy): a model
+that uses its actions makes the digit follow the mirrored command (positive cosine with it), one that only
+extrapolates the past keeps going the original way (negative cosine). `cosine_to_factual` compares the two
+predictions directly, commands aside: the cosine between the counterfactual and the factual predicted
+trajectories, near -1 when the mirrored actions send the digit back, near 1 when the actions are ignored.
+Two references sit beside the model: the same measurement on the true future frames (`ground_truth_*`, the
+tracker's own floor: it moves whole pixels at 32x32, about 0.5 px per frame) and a digit that stands still
+(`still_error_px`, what an action-blind, motionless answer scores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from mnist_world.actions.tracking import Track, track_ego
+from mnist_world.config import DIGIT_SIZE
+
+
+@dataclasses.dataclass(frozen=True)
+class Tracker:
+    """The tracker's settings as the action store records them, and the raw resolution of the digits."""
+
+    threshold: float
+    min_area: int
+    digits: int
+    canvas: int
+
+    @classmethod
+    def from_attributes(cls, attributes: dict[str, Any]) -> Tracker:
+        """From the action store's attributes: `tracking` {threshold, min_area, digits} and `canvas`."""
+        tracking = attributes["tracking"]
+        return cls(
+            float(tracking["threshold"]),
+            int(tracking["min_area"]),
+            int(tracking["digits"]),
+            int(attributes["canvas"]),
+        )
+
+    def track(self, frames: np.ndarray) -> Track:
+        """The ego digit tracked through frames (N, T, H, W) in [0, 1] at any resolution: the canvas fixes
+        the digits' box size at this one."""
+        pixels = np.rint(np.clip(frames, 0.0, 1.0) * 255).astype(np.uint8)
+        box = DIGIT_SIZE * frames.shape[-1] / self.canvas
+        return track_ego(pixels, self.threshold, self.min_area, self.digits, box=box)
+
+
+def ego_displacements(frames: np.ndarray, tracker: Tracker) -> tuple[np.ndarray, np.ndarray]:
+    """Track the ego digit through frames (N, T, H, W) in [0, 1] and return its displacement per frame.
+
+    Returns (displacement (N, T - 1, 2) in pixels of `frames`, (x, y) from frame t - 1 to t; tracked (N,):
+    the tracker found a frame where the digits stand apart, so the ego digit is known). The tracker's canvas
+    (the raw resolution the 28x28 digits were drawn at) fixes their box size at this one. The tracker's own
+    "found" flag is not returned: at the token resolution a digit's shape changes with its sub-pixel
+    phase, so its exact-fit test fails on most true frames too.
+    """
+    track = tracker.track(frames)
+    return np.diff(track.centre, axis=1), track.reference >= 0
+
+
+def action_following(displacement: np.ndarray, actions: np.ndarray, frame_size: int) -> dict[str, np.ndarray]:
+    """Per sequence, how displacements (N, F, 2) in pixels follow actions (N, F, 2) (see the module doc).
+
+    Returns {"error_px": (N,) mean distance per frame, "cosine": (N,), "follows": (N,) bool}.
+    """
+    commanded = actions.astype(np.float64) * (frame_size / 2)  # (N, F, 2) pixels
+    error = np.linalg.norm(displacement - commanded, axis=-1).mean(axis=1)
+    cosine = trajectory_cosine(displacement, commanded)
+    return {"error_px": error, "cosine": cosine, "follows": cosine > 0}
+
+
+def trajectory_cosine(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """(N,): cosine between two trajectories of displacements (N, F, 2), each taken as one 2F vector; 0 where
+    either does not move at all."""
+    dot = (first * second).sum(axis=(1, 2))
+    norms = np.linalg.norm(first, axis=(1, 2)) * np.linalg.norm(second, axis=(1, 2))
+    return np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
+
+
+def mirror(actions: np.ndarray, past_frames: int) -> np.ndarray:
+    """Actions (..., T, 2) with the future ones (t >= past_frames) negated: the counterfactual command."""
+    mirrored = np.array(actions, copy=True)
+    mirrored[..., past_frames:, :] *= -1
+    return mirrored
+
+
+def follow_actions(
+    truth: np.ndarray,
+    predicted: np.ndarray,
+    counterfactual: np.ndarray,
+    commanded: np.ndarray,
+    past: int,
+    tracker: Tracker,
+) -> dict[str, np.ndarray]:
+    """Per-sequence action following of a batch: {"<run>.<score>": (B,)} for the runs model (true actions),
+    counterfactual (mirrored actions) and ground_truth (the true future frames), plus `still.error_px`.
+
+    truth (B, T, H, W) frames; predicted, counterfactual (B, F, H, W); commanded (B, T, 2) actions.
+    """
+    frame_size = truth.shape[-1]
+    runs = {
+        "model": (predicted, commanded),
+        "counterfactual": (counterfactual, mirror(commanded, past)),
+        "ground_truth": (truth[:, past:], commanded),
+    }
+    scores, moved = {}, {}
+    for run, (future, command) in runs.items():
+        sequence = np.concatenate([truth[:, :past], future], axis=1)  # the past is given in every run
+        displacement, tracked = ego_displacements(sequence, tracker)
+        moved[run] = displacement[:, past - 1 :]  # (B, F, 2): into each future frame
+        following = action_following(moved[run], command[:, past:], frame_size)
+        scores.update({f"{run}.{name}": values for name, values in following.items()})
+        scores[f"{run}.tracked"] = tracked
+    # Still: a digit that does not move, the action-blind answer.
+    still = np.zeros_like(moved["model"])
+    scores["still.error_px"] = action_following(still, commanded[:, past:], frame_size)["error_px"]
+    scores["counterfactual.cosine_to_factual"] = trajectory_cosine(moved["counterfactual"], moved["model"])
+    return scores
+
+
+def summarize_following(values: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Means over the sequences the tracker could follow, per run, plus the share it could follow."""
+
+    def run(name: str) -> dict[str, float]:
+        tracked = values[f"{name}.tracked"]
+        if not tracked.any():
+            return {"tracked": 0.0}
+        return {
+            "error_px": float(values[f"{name}.error_px"][tracked].mean()),
+            "cosine": float(values[f"{name}.cosine"][tracked].mean()),
+            "follows": float(values[f"{name}.follows"][tracked].mean()),
+            "tracked": float(tracked.mean()),
+        }
+
+    factual, counterfactual, truth = run("model"), run("counterfactual"), run("ground_truth")
+    both = values["model.tracked"] & values["counterfactual.tracked"]
+    if both.any():
+        counterfactual["cosine_to_factual"] = float(values["counterfactual.cosine_to_factual"][both].mean())
+    # The tracker's own floor: the same measurement on the true future frames.
+    factual["ground_truth_error_px"] = truth.get("error_px")
+    factual["ground_truth_cosine"] = truth.get("cosine")
+    factual["still_error_px"] = float(values["still.error_px"].mean())
+    return {"action_following": factual, "counterfactual": counterfactual}

@@ -1,0 +1,228 @@
+"""Tests of the spatio-temporal transformer: shapes, size, causality and cached decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import from_params, tiny_architecture
+
+from mnist_world.config import ModelConfig
+from mnist_world.model.masking import causal_mask, identity_mask
+from mnist_world.model.network import (
+    WRITTEN_OUT_SCORES,
+    Architecture,
+    Dropout,
+    build_model,
+    cache_frames,
+    short_attention,
+    written_out,
+)
+
+TINY = tiny_architecture(levels=16, frame_size=8, frames=20)
+PATCHES = [
+    TINY,
+    *(dataclasses.replace(TINY, patch_size=p) for p in (2, 4)),
+    dataclasses.replace(TINY, patch_size=2, spatial_bias=True),
+    dataclasses.replace(TINY, patch_size=2, attention="joint"),
+]
+PATCH_IDS = ["p1", "p2", "p4", "p2-bias", "p2-joint"]
+
+
+def inputs(arch: Architecture, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    size = (batch, arch.frames, arch.frame_size, arch.frame_size)
+    tokens = torch.randint(0, arch.vocab_size, size, generator=generator)  # mask ids included
+    return tokens, torch.randn(batch, arch.frames, 2, generator=generator)
+
+
+@pytest.mark.parametrize("arch", PATCHES, ids=PATCH_IDS)
+def test_logits_cover_every_token_with_the_levels_only(arch: Architecture) -> None:
+    model = build_model(arch).eval()
+    tokens, actions = inputs(arch)
+    logits, cache = model(tokens, actions, causal_mask(arch.frames))
+    assert logits.shape == (2, arch.frames, 8, 8, arch.levels)  # the mask token is never predicted
+    assert len(cache) == arch.layers and cache_frames(cache) == arch.frames
+    positions = (8 // arch.patch_size) ** 2  # one transformer position per p x p block of tokens
+    assert cache[0][0].shape == (2 * positions, arch.heads, arch.frames, arch.embed_dim // arch.heads)
+
+
+@pytest.mark.parametrize(
+    ("model_config", "expected"),
+    [
+        (from_params(ModelConfig, patch_size=1), 667_664),  # the recipe's fast model
+        (from_params(ModelConfig, patch_size=1, layers=6, embed_dim=384), 14_615_056),  # the recipe's full
+        (from_params(ModelConfig, patch_size=2), 582_080),
+        (from_params(ModelConfig, patch_size=4), 608_384),
+    ],
+)
+def test_parameter_counts_are_exact(model_config: ModelConfig, expected: int) -> None:
+    """Exact: a lost position embedding (2,560 of the fast model's parameters) must not pass."""
+    arch = Architecture.from_config(model_config, levels=16, frame_size=32, frames=20)
+    assert build_model(arch).num_parameters() == expected
+
+
+def test_a_patch_holds_its_tokens_in_place() -> None:
+    """At p = 2 a token changed at (row 5, column 2) moves the embedding of position (2, 1) alone, and the
+    logits come back in the tokens' own layout (the four cells of a patch differ)."""
+    arch = dataclasses.replace(TINY, patch_size=2, dropout=0.0)
+    model = build_model(arch).eval()
+    tokens, actions = inputs(arch)
+    changed = tokens.clone()
+    changed[:, :, 5, 2] = (changed[:, :, 5, 2] + 1) % arch.levels
+    captured = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    model(tokens, actions)
+    model(changed, actions)
+    hook.remove()
+    moved = (captured[0] - captured[1]).abs().sum(dim=(0, 1, 3))  # (positions,) embedding change
+    assert moved.nonzero().flatten().tolist() == [2 * 4 + 1]
+    logits = model(tokens, actions)[0]
+    assert not torch.allclose(logits[:, :, 0, 0], logits[:, :, 0, 1])
+
+
+def test_the_spatial_bias_starts_near_and_is_learned_per_offset() -> None:
+    """4x4 positions, 2 heads: head 0 unbiased, head 1 at -distance; a parameter per head and offset."""
+    arch = dataclasses.replace(TINY, patch_size=2, spatial_bias=True)
+    model = build_model(arch)
+    assert model.num_parameters() == build_model(
+        dataclasses.replace(arch, spatial_bias=False)
+    ).num_parameters() + (arch.layers * arch.heads * 7 * 7)
+    bias = model.blocks[0].spatial_bias()  # (heads, 16, 16)
+    assert bias.shape == (2, 16, 16) and not bias[0].any()
+    assert bias[1, 0, 1].item() == -1.0 and bias[1, 0, 5].item() == pytest.approx(-(2**0.5))
+    assert bias[1, 5, 0].item() == bias[1, 15, 10].item()  # the same offset, the same parameter
+
+
+def test_a_patch_size_that_does_not_divide_the_frame_fails() -> None:
+    with pytest.raises(ValueError, match="model.patch_size=3 does not divide the 8x8"):
+        dataclasses.replace(TINY, patch_size=3)
+
+
+def test_the_architecture_rebuilds_the_same_model() -> None:
+    model = build_model(TINY)
+    rebuilt = build_model(dataclasses.asdict(TINY))
+    rebuilt.load_state_dict(model.state_dict())
+    tokens, actions = inputs(TINY)
+    assert torch.equal(model.eval()(tokens, actions)[0], rebuilt.eval()(tokens, actions)[0])
+
+
+@pytest.mark.parametrize("arch", PATCHES, ids=PATCH_IDS)
+def test_causal_mask_hides_the_future(arch: Architecture) -> None:
+    model = build_model(arch).eval()
+    tokens, actions = inputs(arch)
+    changed = tokens.clone()
+    changed[:, 12:] = (changed[:, 12:] + 1) % arch.levels
+    before = model(tokens, actions, causal_mask(arch.frames))[0]
+    after = model(changed, actions, causal_mask(arch.frames))[0]
+    torch.testing.assert_close(before[:, :12], after[:, :12])
+    assert not torch.allclose(before[:, 12:], after[:, 12:])
+
+
+def test_identity_mask_sees_one_frame() -> None:
+    model = build_model(TINY).eval()
+    tokens, actions = inputs(TINY)
+    changed = tokens.clone()
+    changed[:, 5] = (changed[:, 5] + 1) % TINY.levels
+    before = model(tokens, actions, identity_mask(TINY.frames))[0]
+    after = model(changed, actions, identity_mask(TINY.frames))[0]
+    untouched = [t for t in range(TINY.frames) if t != 5]
+    torch.testing.assert_close(before[:, untouched], after[:, untouched])
+
+
+@pytest.mark.parametrize("arch", PATCHES, ids=PATCH_IDS)
+def test_cached_decoding_equals_uncached(arch: Architecture) -> None:
+    """Frames 10..19 decoded against a cache of frames 0..9 give the logits of one causal pass over 0..19."""
+    model = build_model(arch).eval()
+    tokens, actions = inputs(arch)
+    full, _ = model(tokens, actions, causal_mask(20))
+    _, cache = model(tokens[:, :10], actions[:, :10], causal_mask(10))
+    future, extended = model(tokens[:, 10:], actions[:, 10:], causal_mask(10, past=10), cache=cache)
+    torch.testing.assert_close(future, full[:, 10:], rtol=1e-5, atol=1e-5)
+    assert cache_frames(extended) == 20
+
+
+def test_frames_beyond_the_model_fail() -> None:
+    model = build_model(TINY).eval()
+    tokens, actions = inputs(TINY)
+    with pytest.raises(ValueError, match="exceed"):
+        model(tokens[:, :5], actions[:, :5], start_frame=18)
+
+
+def test_dropout_only_in_training() -> None:
+    model = build_model(TINY)
+    tokens, actions = inputs(TINY)
+    model.train()
+    assert not torch.equal(model(tokens, actions)[0], model(tokens, actions)[0])
+    model.eval()
+    assert torch.equal(model(tokens, actions)[0], model(tokens, actions)[0])
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_drops_its_share_and_keeps_the_mean(p: float) -> None:
+    dropout = Dropout(p).train()
+    x = torch.ones(1_000, 1_001, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 0.003  # 1M draws: the standard error is under 0.0005
+    assert abs(y.mean().item() - 1.0) < 0.005
+    assert torch.allclose(y[y != 0], torch.tensor(1 / (1 - p)), rtol=1e-4)
+    y.sum().backward()  # the gradient flows through the kept elements only, scaled alike
+    assert torch.equal(x.grad, y.detach())
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), y)  # the global generator decides, as for torch's dropout
+
+
+def test_dropout_masks_differ_between_calls_and_elements() -> None:
+    """Four elements share each 64-bit random word: neighbours must still be dropped independently."""
+    dropout = Dropout(0.5).train()
+    kept = dropout(torch.ones(400_000)) != 0
+    pairs = kept.view(-1, 4)  # the four 16-bit draws of one word
+    both = (pairs[:, 0] & pairs[:, 1]).float().mean().item()
+    assert abs(both - 0.25) < 0.005
+    assert not torch.equal(kept, dropout(torch.ones(400_000)) != 0)
+    assert torch.equal(Dropout(0.5).eval()(torch.ones(8)), torch.ones(8))
+
+
+def test_training_in_bf16_on_a_cpu_writes_long_attention_out() -> None:
+    """Past SHORT_KEYS keys attention is written out only for training (q wants a gradient) in bf16 on a
+    CPU with at most WRITTEN_OUT_SCORES scores; there it computes what fp32 attention does, forward and
+    backward, within bf16's rounding."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 256, 32, generator=generator) for _ in range(3))
+    leaves = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    assert written_out(leaves[0], leaves[1])
+    assert not written_out(leaves[0].detach(), leaves[1])  # inference
+    assert not written_out(q.requires_grad_(), k)  # fp32
+    huge = torch.zeros(1, 1, 1, 32, dtype=torch.bfloat16, requires_grad=True).expand(4096, 4, 1024, 32)
+    assert huge.shape[:-1].numel() * 1024 > WRITTEN_OUT_SCORES and not written_out(huge, huge)
+
+    out = short_attention(*leaves)
+    out.float().square().sum().backward()
+    reference = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*reference)
+    expected.square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), expected, atol=0.02, rtol=0.02)
+    for mine, theirs in zip(leaves, reference, strict=True):
+        scale = theirs.grad.abs().max()
+        assert (mine.grad.float() - theirs.grad).abs().max() < 0.03 * scale
+
+
+@pytest.mark.parametrize("keys", [5, 12])
+def test_short_attention_equals_the_fused_kernel(keys: int) -> None:
+    """The written-out attention of short axes computes what scaled_dot_product_attention does, with a
+    boolean mask (a cache prefix: keys beyond the queries), an additive bias, or none."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 2, 5, 8, generator=generator)
+    k, v = (torch.randn(3, 2, keys, 8, generator=generator) for _ in range(2))
+    for mask in (
+        causal_mask(5, past=keys - 5),
+        torch.randn(2, 5, keys, generator=generator),
+        None,
+    ):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        assert torch.allclose(short_attention(q, k, v, attn_mask=mask), expected, atol=1e-5)

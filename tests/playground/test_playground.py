@@ -1,0 +1,526 @@
+"""The playground without a browser: its request protocol, the sliding context, sessions that never share
+state, the server's answers to bad input, and replay reproducing a recorded GIF. Tiny stores and a tiny
+random model, served on a free port of 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import from_params, params_section, tiny_architecture
+from typer.testing import CliRunner
+
+from mnist_world.actions.ego import actions_from_centres, ego_centres
+from mnist_world.config import DataConfig, as_dict
+from mnist_world.core.store import create_store, write_sequences
+from mnist_world.data.frames import downsample
+from mnist_world.data.sources import generate_sequences
+from mnist_world.data.tokens import quantize, token_attributes
+from mnist_world.model.checkpoint import save_checkpoint
+from mnist_world.model.network import Architecture, build_model
+from mnist_world.model.sampling import Context, new_generator
+from mnist_world.playground.cli import app, gif_frames
+from mnist_world.playground.dreamer import Dreamer, SamplerSettings
+from mnist_world.playground.protocol import (
+    StepRequest,
+    decode_pixels,
+    encode_pixels,
+    frame_message,
+    parse_restart,
+    parse_step,
+)
+from mnist_world.playground.recording import Recording, animation_gif, replay
+from mnist_world.playground.server import Playground, PlaySettings, make_server, static_file
+from mnist_world.playground.session import Session
+from mnist_world.playground.world import PlaygroundError, ValidationData, load_world
+
+SIZE, FRAMES, LEVELS, PAST = 16, 8, 8, 3
+DATA = from_params(DataConfig, num_sequences=10, frames=FRAMES, seed=2, train_sequences=4, val_sequences=6)
+SAMPLER = SamplerSettings(steps=3)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --- Helpers shared with the browser test ------------------------------------------------------------------
+
+
+def action_attributes(size: int, data: DataConfig) -> dict:
+    """The action store's attributes the playground reads: the tracker's settings, as the stage has them."""
+    tracking = params_section("actions")
+    return {
+        "frame_size": size,
+        "canvas": data.canvas,
+        "tracking": {
+            "threshold": tracking["threshold"],
+            "min_area": tracking["min_area"],
+            "size": tracking["tracking_size"],
+            "digits": data.digits,
+        },
+    }
+
+
+def make_stores(root: Path, data: DataConfig, size: int, levels: int) -> Path:
+    """Token, frame and action stores of generated sequences at `size` x `size`, written as the stages do."""
+    generated = generate_sequences(data, progress=False)
+    frames = downsample(generated.frames, size)
+    centres = ego_centres(generated.centers, generated.ink) * (size / data.canvas)
+    stores = {
+        "frames": (frames, {"frame_size": size, "canvas": data.canvas, "frames": data.frames, "source": "x"}),
+        "tokens": (quantize(frames, levels), token_attributes(levels, size, data.frames, "generate")),
+        "actions": (actions_from_centres(centres, size), action_attributes(size, data)),
+    }
+    for name, (array, attributes) in stores.items():
+        with create_store(root / f"{name}.zarr", attributes) as group:
+            write_sequences(group, name, array, sequences_per_shard=4)
+    return root
+
+
+def tiny_arch(size: int = SIZE, levels: int = LEVELS, frames: int = FRAMES) -> Architecture:
+    return tiny_architecture(levels, size, frames)
+
+
+def make_checkpoint(path: Path, arch: Architecture, past: int = PAST) -> Path:
+    torch.manual_seed(0)
+    payload = {
+        "model": build_model(arch).state_dict(),
+        "architecture": dataclasses.asdict(arch),
+        "params": {"train": {"past_frames": past, "objectives": {"future": 1.0}}},
+    }
+    save_checkpoint(path, payload)
+    return path
+
+
+def settings_for(root: Path, data: DataConfig, **overrides) -> PlaySettings:
+    values = dict(
+        checkpoint=str(root / "best.pt"),
+        tokens=str(root / "tokens.zarr"),
+        frames=str(root / "frames.zarr"),
+        actions=str(root / "actions.zarr"),
+        train_sequences=data.train_sequences,
+        val_sequences=data.val_sequences,
+        decode="centre",  # stores made here carry no measured level means
+        sampler=SAMPLER,
+    )
+    return PlaySettings(**{**values, **overrides})
+
+
+@contextlib.contextmanager
+def serving(playground: Playground):
+    """The playground served on a free port of 127.0.0.1 for the block: yields its base URL."""
+    server = make_server(playground, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.url.rstrip("/")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def call(base: str, path: str, body: dict | None = None) -> tuple[int, dict | bytes]:
+    """(status, JSON payload or raw bytes) of a GET, or of a POST when `body` is given."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, raw, kind = response.status, response.read(), response.headers["Content-Type"]
+    except urllib.error.HTTPError as error:
+        status, raw, kind = error.code, error.read(), error.headers["Content-Type"]
+    return status, json.loads(raw) if kind == "application/json" else raw
+
+
+# --- Fixtures ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = make_stores(tmp_path_factory.mktemp("playground"), DATA, SIZE, LEVELS)
+    make_checkpoint(root / "best.pt", tiny_arch())
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(root):
+    return ValidationData(
+        root / "tokens.zarr", root / "frames.zarr", root / "actions.zarr", 4, 6, decode="centre"
+    )
+
+
+@pytest.fixture(scope="module")
+def world(root, data):
+    return load_world(root / "best.pt", data)
+
+
+@pytest.fixture(scope="module")
+def base(root):
+    with serving(Playground(settings_for(root, DATA))) as url:
+        yield url
+
+
+# --- The protocol ------------------------------------------------------------------------------------------
+
+
+def test_a_step_request_is_parsed_and_checked():
+    body = {"session": "s", "frame": 4, "action": [0.25, -1], "temperature": 1, "truth": True}
+    assert parse_step(body) == StepRequest("s", 4, (0.25, -1.0), 1.0, True)
+    assert parse_step({k: v for k, v in body.items() if k != "truth"}).truth is False
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"action": [0.1]}, "'action' must be [dx, dy]"),
+        ({"action": "right"}, "'action' must be [dx, dy]"),
+        ({"action": [0.1, "up"]}, "'action' must be a number"),
+        ({"action": [1.5, 0]}, "more than half the frame"),
+        ({"action": [float("nan"), 0]}, "must be finite"),
+        ({"temperature": -0.5}, "'temperature' must not be negative"),
+        ({"frame": 2.5}, "'frame' must be int"),
+        ({"frame": True}, "'frame' must be int"),
+        ({"session": None}, "request lacks 'session'"),
+        ({"truth": "yes"}, "'truth' must be true or false"),
+    ],
+)
+def test_a_bad_step_request_is_refused_with_one_line(change, message):
+    body = {"session": "s", "frame": 4, "action": [0.1, 0.0], "temperature": 1.0, **change}
+    with pytest.raises(PlaygroundError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_step(body)
+
+
+def test_a_restart_request_defaults_what_it_leaves_out():
+    assert parse_restart({}) == parse_restart({"checkpoint": "  "})
+    request = parse_restart({"session": "s", "sequence": 5, "seed": 2, "checkpoint": " models/x.pt "})
+    assert (request.session, request.sequence, request.seed, request.checkpoint) == ("s", 5, 2, "models/x.pt")
+    with pytest.raises(PlaygroundError, match="expected a JSON object"):
+        parse_restart([1, 2])
+
+
+def test_frames_travel_as_uint8_grey_levels_row_by_row():
+    frame = np.linspace(0, 1, SIZE * SIZE, dtype=np.float32).reshape(SIZE, SIZE)
+    grey = decode_pixels(encode_pixels(frame), SIZE)
+    np.testing.assert_array_equal(grey, np.rint(frame * 255).astype(np.uint8))
+    message = frame_message(7, frame, np.array([0.5, -0.25]), np.array([3.0, 4.5]), given=False)
+    assert json.loads(json.dumps(message)) == message
+    assert (message["frame"], message["action"], message["centre"], message["truth"]) == (
+        7,
+        [0.5, -0.25],
+        [3.0, 4.5],
+        None,
+    )
+
+
+# --- The sliding context -----------------------------------------------------------------------------------
+
+
+def test_the_context_slides_to_the_newest_frames_when_it_fills_the_model(world, data):
+    sequence = data.sequence(data.rows.start)
+    tokens, actions = torch.from_numpy(sequence.tokens[:PAST]), torch.from_numpy(sequence.actions[:PAST])
+    dreamer = Dreamer(world.model, tokens, actions, keep=PAST)
+    generator = new_generator(0, "cpu")
+    sizes, dreamed = [], [tokens]
+    for step in range(2 * FRAMES):  # past the model's frames twice: positions must never overflow
+        move = torch.tensor([0.1 * (step % 3 - 1), 0.05])
+        frame = dreamer.next_frame(move, SAMPLER, generator)
+        assert frame.shape == (SIZE, SIZE) and int(frame.max()) < LEVELS  # no mask left
+        sizes.append(dreamer.context_frames)
+        dreamed.append(frame[None])
+    # Grows to the model's 8 frames, then slides back to the 3 newest and grows again.
+    assert sizes[:12] == [4, 5, 6, 7, 8, 4, 5, 6, 7, 8, 4, 5]
+    every = torch.cat(dreamed)  # (P + 24, H, W)
+    torch.testing.assert_close(dreamer.context.tokens[0], every[-dreamer.context_frames :], rtol=0, atol=0)
+
+
+def test_after_a_slide_the_cached_context_predicts_what_the_window_alone_does(world, data):
+    sequence = data.sequence(data.rows.start + 1)
+    tokens, actions = torch.from_numpy(sequence.tokens[:PAST]), torch.from_numpy(sequence.actions[:PAST])
+    dreamer = Dreamer(world.model, tokens, actions, keep=PAST)
+    generator = new_generator(1, "cpu")
+    for _ in range(FRAMES - PAST + 1):  # one slide, then one frame on top
+        dreamer.next_frame(torch.tensor([0.1, 0.0]), SAMPLER, generator)
+    window, window_actions = dreamer.context.tokens, dreamer.context.actions  # (1, 4, H, W), (1, 4, 2)
+    following = torch.cat([window_actions, torch.tensor([[[0.0, 0.1]]])], dim=1)
+    blank = torch.full((1, 1, SIZE, SIZE), LEVELS)
+    with torch.no_grad():
+        cached = dataclasses.replace(dreamer.context, actions=following).logits(world.model, blank)
+        reference = Context.encode(world.model, window, following, cached=False).logits(world.model, blank)
+    assert window.shape[1] == PAST + 1  # the window restarted at time 0 with the 3 newest frames
+    torch.testing.assert_close(cached, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_keep_must_leave_room_for_a_new_frame(world, data):
+    sequence = data.sequence(data.rows.start)
+    tokens, actions = torch.from_numpy(sequence.tokens[:PAST]), torch.from_numpy(sequence.actions[:PAST])
+    for keep in (0, FRAMES):
+        with pytest.raises(ValueError, match="keep must be in"):
+            Dreamer(world.model, tokens, actions, keep=keep)
+
+
+# --- Sessions ----------------------------------------------------------------------------------------------
+
+
+def steps_of(session: Session, moves, temperature=1.0, truth=False):
+    for move in moves:
+        session.step(StepRequest("s", len(session.frames), move, temperature, truth))
+    return np.stack(session.frames)
+
+
+MOVES = [(0.1, 0.0), (0.0, 0.0), (-0.1, 0.05), (0.1, 0.0), (0.0, -0.1), (0.05, 0.05), (0.1, 0.1)]
+
+
+def test_a_session_refuses_a_stale_frame_and_an_unknown_sequence(world):
+    session = Session(world, DATA.train_sequences, seed=0, settings=SAMPLER)
+    with pytest.raises(PlaygroundError, match="frame 2 asked, but the run is at frame 3"):
+        session.step(StepRequest("s", 2, (0.0, 0.0), 1.0, False))
+    with pytest.raises(PlaygroundError, match=r"sequence 2 is not a validation sequence \(valid: 4..9\)"):
+        Session(world, 2, seed=0, settings=SAMPLER)
+
+
+def test_the_true_future_replays_the_datasets_actions_until_the_sequence_ends(world):
+    session = Session(world, 5, seed=0, settings=SAMPLER)
+    messages = [session.step(StepRequest("s", t, (0.0, 0.0), 1.0, True)) for t in range(PAST, DATA.frames)]
+    np.testing.assert_allclose([m["action"] for m in messages], session.sequence.actions[PAST:], rtol=1e-6)
+    assert all(m["truth"] is not None for m in messages) and messages[-1]["truth_left"] == 0
+    with pytest.raises(PlaygroundError, match="has no true frame 8"):
+        session.step(StepRequest("s", DATA.frames, (0.0, 0.0), 1.0, True))
+    session.step(StepRequest("s", DATA.frames, (0.1, 0.0), 1.0, False))  # steering goes on
+
+
+def test_two_tabs_playing_at_once_do_not_disturb_each_other(world):
+    alone = steps_of(Session(world, 6, seed=3, settings=SAMPLER), MOVES)
+    first, second = (Session(world, 6, seed=3, settings=SAMPLER) for _ in range(2))
+    other = Session(world, 7, seed=9, settings=SAMPLER)
+
+    def play(session, moves):
+        for move in moves:
+            with session.lock:
+                session.step(StepRequest("s", len(session.frames), move, 1.0, False))
+
+    threads = [
+        threading.Thread(target=play, args=(session, moves))
+        for session, moves in ((first, MOVES), (other, MOVES[::-1]), (second, MOVES))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    np.testing.assert_array_equal(np.stack(first.frames), alone)
+    np.testing.assert_array_equal(np.stack(second.frames), alone)
+
+
+def test_the_ego_digits_centre_is_tracked_for_the_overlay(world):
+    session = Session(world, 4, seed=0, settings=SAMPLER, overlay=True)
+    start = session.start_message()
+    centres = [frame["centre"] for frame in start["frames"]]
+    assert all(centre is not None and min(centre) >= 0 and max(centre) <= SIZE for centre in centres)
+    assert [frame["given"] for frame in start["frames"]] == [True] * PAST
+    assert (start["window"], start["keep"], start["frame_size"], start["truth_left"]) == (8, 3, 16, 5)
+
+
+# --- Recording and replay ----------------------------------------------------------------------------------
+
+
+def write_params(path: Path, data: DataConfig) -> Path:
+    params = {
+        "data": as_dict(data),
+        "tokens": params_section("tokens", frame_size=SIZE, levels=LEVELS, decode="centre"),
+        "actions": params_section("actions"),
+        "sample": params_section("sample", steps=SAMPLER.steps),
+    }
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_replaying_the_downloaded_actions_gives_the_downloaded_gifs_frames(root, base, tmp_path):
+    status, start = call(base, "/api/restart", {"sequence": 7, "seed": 5})
+    assert status == 200
+    session = start["session"]
+    plan = [((0.1, 0.0), 1.0, True), ((0.1, 0.0), 0.5, True), ((0.0, 0.0), 1.0, False)]
+    plan += [((-0.1, 0.1), 1.5, False), ((0.0, 0.0), 0.0, False)] * 4  # slides twice over 8 frames
+    for index, (move, temperature, truth) in enumerate(plan):
+        body = {"session": session, "frame": PAST + index, "action": list(move), "temperature": temperature}
+        status, message = call(base, "/api/step", {**body, "truth": truth})
+        assert status == 200, message
+    status, gif = call(base, f"/api/recording.gif?session={session}")
+    status_json, actions = call(base, f"/api/recording.json?session={session}")
+    assert (status, status_json) == (200, 200)
+    (tmp_path / "played.gif").write_bytes(gif)
+    (tmp_path / "played.json").write_text(json.dumps(actions))
+    assert len(actions["frames"]) == len(plan) and actions["seed"] == 5 and actions["sequence"] == 7
+
+    recorded = gif_frames(tmp_path / "played.gif")
+    assert len(recorded) == PAST + len(plan)  # every frame kept, still ones included
+    arguments = ["replay", str(tmp_path / "played.json"), "--output", str(tmp_path / "replayed.gif")]
+    arguments += [*stores_arguments(root), "--params", str(write_params(tmp_path / "params.yaml", DATA))]
+    result = CliRunner().invoke(app, [*arguments, "--compare", str(tmp_path / "played.gif")])
+    assert result.exit_code == 0, result.output
+    assert "same frames as" in result.output
+    np.testing.assert_array_equal(gif_frames(tmp_path / "replayed.gif"), recorded)
+
+    # The comparison can fail: another seed dreams other frames.
+    actions["seed"] = 6
+    (tmp_path / "reseeded.json").write_text(json.dumps(actions))
+    arguments[1] = str(tmp_path / "reseeded.json")
+    result = CliRunner().invoke(app, [*arguments, "--compare", str(tmp_path / "played.gif")])
+    assert result.exit_code == 1 and "frames differ from" in result.output
+
+
+def stores_arguments(root: Path) -> list[str]:
+    return [f"--{name}={root / name}.zarr" for name in ("tokens", "frames", "actions")]
+
+
+def test_replay_reproduces_a_sessions_frames_and_its_gif(world):
+    # A choice temperature other than the default changes the frames: the recording must carry it.
+    session = Session(world, 8, seed=4, settings=dataclasses.replace(SAMPLER, choice_temperature=4.5))
+    steps_of(session, MOVES, temperature=0.8)
+    payload = json.loads(json.dumps(Recording.of(session).to_json()))
+    again = replay(Recording.from_json(payload), world)
+    np.testing.assert_array_equal(np.stack(again.frames), np.stack(session.frames))
+    assert animation_gif(again) == animation_gif(session)
+    del payload["choice_temperature"]  # a recording made before the setting existed: MaskGIT's 1
+    assert Recording.from_json(payload).choice_temperature == 1.0
+
+
+def test_a_recording_in_another_format_is_refused():
+    with pytest.raises(PlaygroundError, match="not a playground recording"):
+        Recording.from_json({"format": "something else"})
+    with pytest.raises(PlaygroundError, match="damaged playground recording"):
+        Recording.from_json({"format": "mnist_world.playground.recording/1", "frames": []})
+
+
+# --- The server --------------------------------------------------------------------------------------------
+
+
+def test_the_page_and_its_files_are_served_and_nothing_else(base):
+    status, page = call(base, "/")
+    assert status == 200 and b'<canvas id="dream"' in page and b"/static/playground.js" in page
+    for name in ("playground.js", "playground.css"):
+        assert call(base, f"/static/{name}")[0] == 200
+    for path in ("/static/../world.py", "/static/world.py", "/static/missing.js", "/elsewhere"):
+        assert call(base, path)[0] == 404
+    assert static_file("index.html") is not None
+
+
+def test_config_names_the_defaults_without_loading_anything(base, root):
+    status, config = call(base, "/api/config")
+    assert status == 200
+    assert config == {
+        "checkpoint": str(root / "best.pt"),
+        "sequence": 4,
+        "sequences": [4, 9],
+        "seed": 0,
+        "steps": SAMPLER.steps,
+        "temperature": 1.0,
+        "guidance": 0.0,
+    }
+
+
+def foreign_checkpoint(path: Path) -> Path:
+    torch.save({"weights": torch.zeros(3)}, path)  # a valid torch file that is not ours
+    return path
+
+
+def test_bad_input_gets_a_clear_message_and_the_server_keeps_running(base, root, tmp_path, caplog):
+    wrong_size = make_checkpoint(tmp_path / "wrong_size.pt", tiny_arch(size=2 * SIZE))
+    cases = [
+        ({"sequence": 2}, "sequence 2 is not a validation sequence (valid: 4..9)"),
+        ({"checkpoint": str(tmp_path / "missing.pt")}, "missing.pt: checkpoint not found"),
+        (
+            {"checkpoint": str(foreign_checkpoint(tmp_path / "foreign.pt"))},
+            "not a checkpoint of this project",
+        ),
+        ({"checkpoint": str(wrong_size)}, "the model takes 8 levels of 32x32 tokens, but"),
+    ]
+    with caplog.at_level(logging.WARNING, logger="mnist_world.playground"):
+        for body, message in cases:
+            status, payload = call(base, "/api/restart", body)
+            assert status == 400 and message in payload["error"]
+            assert message in caplog.text
+        status, payload = call(base, "/api/step", {"session": "nobody", "frame": 3, "action": [0, 0]})
+        assert status == 400 and "lacks 'temperature'" in payload["error"]
+        body = {"session": "nobody", "frame": 3, "action": [0, 0], "temperature": 1.0}
+        status, payload = call(base, "/api/step", body)
+        assert status == 404 and "unknown session" in payload["error"]
+    status, start = call(base, "/api/restart", {})  # still serving, and playing
+    assert status == 200 and start["sequence"] == 4
+    body = {"session": start["session"], "frame": PAST, "action": [0.0, 0.0], "temperature": 1.0}
+    assert call(base, "/api/step", body)[0] == 200
+
+
+class GatedModel(torch.nn.Module):
+    """The tiny model, except that the first call once armed waits for the gate: a frame still being dreamed
+    for as long as the test needs."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.arch = model, model.arch
+        self.armed, self.gate, self.waiting = threading.Event(), threading.Event(), threading.Event()
+        self._lock = threading.Lock()
+
+    def forward(self, *args, **kwargs):
+        with self._lock:
+            first = self.armed.is_set() and not self.waiting.is_set()
+            if first:
+                self.waiting.set()
+        if first:
+            self.gate.wait(timeout=30)
+        return self.model(*args, **kwargs)
+
+
+def test_a_frame_being_dreamed_holds_up_neither_the_page_nor_another_tab(root, world):
+    gated = GatedModel(world.model)
+    playground = Playground(settings_for(root, DATA), load=lambda _: dataclasses.replace(world, model=gated))
+    with serving(playground) as url:
+        first, second = (call(url, "/api/restart", {})[1]["session"] for _ in range(2))
+        body = {"frame": PAST, "action": [0.0, 0.0], "temperature": 1.0}
+        answers = {}
+
+        def dream_first() -> None:
+            answers["first"] = call(url, "/api/step", {**body, "session": first})
+
+        gated.armed.set()
+        worker = threading.Thread(target=dream_first)
+        worker.start()
+        assert gated.waiting.wait(timeout=30)  # the first tab's frame is being dreamed, and stays so
+        try:
+            assert call(url, "/")[0] == 200 and call(url, "/api/config")[0] == 200
+            assert call(url, "/api/step", {**body, "session": second})[0] == 200  # not queued behind it
+            assert worker.is_alive() and "first" not in answers
+        finally:
+            gated.gate.set()
+        worker.join(timeout=30)
+        assert answers["first"][0] == 200
+
+
+def test_mnist_world_play_prints_its_address_and_serves(root, tmp_path):
+    script = Path(sys.executable).with_name("mnist-world")
+    assert script.exists(), "the console script is declared in pyproject.toml: pip install -e ."
+    params = write_params(tmp_path / "params.yaml", DATA)
+    command = [str(script), "play", f"--checkpoint={root / 'best.pt'}", *stores_arguments(root)]
+    process = subprocess.Popen(
+        [*command, f"--params={params}", "--port=0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("mnist-world playground on http://127.0.0.1:"), line
+        url = line.split()[3].rstrip("/")
+        status, start = call(url, "/api/restart", {"sequence": 9})
+        assert status == 200 and start["sequence"] == 9 and start["steps"] == SAMPLER.steps
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
