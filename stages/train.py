@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +13,7 @@ import typer
 
 from mnist_world import cli, config
 from mnist_world.core.atomic import check_writable
-from mnist_world.training.distributed import inside_torchrun, launch_distributed
+from mnist_world.training.distributed import Cluster, inside_torchrun, launch_distributed
 from mnist_world.training.fit import fit
 from mnist_world.training.run_folder import ModelsLock, recover_set_aside
 
@@ -33,7 +35,8 @@ def main(
 
     Reads params `model`, `train` and `data`. One process at a time writes OUTPUT (OUTPUT/.lock holds its
     PID). With train.nproc > 1 the command re-launches itself under torchrun (DistributedDataParallel); the
-    launcher holds the lock for its ranks.
+    launcher holds the lock for its ranks. With MNIST_WORLD_NODES > 1 every node runs this command (see
+    docs/scaling.md) and rank 0, wherever torchrun places it, holds the lock and writes OUTPUT.
     """
     model_config, train_config = config.load("model", params), config.load("train", params)
     data_config = config.load("data", params)
@@ -45,14 +48,26 @@ def main(
             progress=progress, fresh=fresh,
         )  # fmt: skip
 
-    if inside_torchrun():
-        summary = run()  # a rank: the launcher holds the lock
-    else:
+    @contextlib.contextmanager
+    def writing() -> Iterator[None]:
         with ModelsLock(output) as lock:
             if lock.took_over:
                 typer.echo(f"{lock.path}: taken over from PID {lock.took_over}, which no longer runs")
             for path in recover_set_aside(output):
                 typer.echo(f"{path}: put back (a killed run had set it aside)")
+            yield
+
+    cluster = Cluster.from_environment()
+    if inside_torchrun():
+        if cluster.distributed and os.environ["RANK"] == "0":  # across nodes only rank 0 knows it writes
+            with writing():
+                summary = run()
+        else:
+            summary = run()  # a rank: the launcher holds the lock
+    elif cluster.distributed:
+        raise typer.Exit(launch_distributed(train_config.nproc, __file__, sys.argv[1:], cluster))
+    else:
+        with writing():
             if train_config.nproc > 1:
                 raise typer.Exit(launch_distributed(train_config.nproc, __file__, sys.argv[1:]))
             summary = run()
