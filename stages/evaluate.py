@@ -1,4 +1,4 @@
-"""Stage `evaluate`: score a checkpoint on the validation split; write reports/eval (metrics, pictures)."""
+"""Stage `evaluate`: score a checkpoint on the test split; write reports/eval (metrics, pictures)."""
 
 from __future__ import annotations
 
@@ -25,25 +25,28 @@ def main(
     device: Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu) or a torch device.")] = "auto",
     progress: cli.Progress = True,
 ) -> None:
-    """Predict the future of validation sequences (point prediction, sampled futures, the best of them),
-    score it against the frames and the trivial baselines, measure action following (true and mirrored
-    actions) and draw strips, GIFs and unconditional samples.
+    """Predict the future of test sequences (point prediction, sampled futures, the best of them), score it
+    against the frames and the trivial baselines, measure action following (true and mirrored actions) and
+    draw strips, GIFs and unconditional samples.
 
-    Reads params `sample`, `eval` and `tokens.decode`.
+    Reads params `sample`, `eval`, `tokens.decode` and `data.test_sequences` (the test split follows the
+    checkpoint's training and validation splits).
     """
     sample, evaluation = config.load("sample", params), config.load("eval", params)
     decode = config.load("tokens", params).decode
+    test_sequences = config.load("data", params).test_sequences
     check_writable(output / "metrics.json")
     result = evaluate(
-        checkpoint, tokens, frames, actions, sample, evaluation, output, decode=decode,
-        device=resolve_device(device), progress=progress,
+        checkpoint, tokens, frames, actions, sample, evaluation, output, test_sequences=test_sequences,
+        decode=decode, device=resolve_device(device), progress=progress,
     )  # fmt: skip
     shown = " | ".join(
-        f"{method} MSE {result[method]['mse']:.5f} SSIM {result[method]['ssim']:.3f}"
-        for method in ("point", "sampled", "best_of_n", "blank", "copy_last")
+        f"{method} MSE {result[method]['mse']:.5f} SSIM {result[method]['ssim']:.3f} "
+        f"IoU {result[method]['iou']:.3f} ink {result[method]['ink_ratio']:.2f}"
+        for method in ("point", "sampled", "best_of_n", "blank", "copy_last", "blurred_last")
         if method in result
     )
-    typer.echo(f"{output}: {result['sequences']} sequences: {shown}")
+    typer.echo(f"{output}: {result['sequences']} test sequences: {shown}")
 
 
 if __name__ == "__main__":

@@ -91,3 +91,54 @@ def test_tables_average_per_horizon_and_overall_in_method_order():
     }
     for column, values in expected.items():
         np.testing.assert_allclose(horizons[column], values, err_msg=column)
+
+
+def test_ink_iou_of_a_shifted_copy_is_the_known_overlap():
+    """A 4x4 square of ink shifted one pixel right: 12 pixels shared of 20 covered, IoU 0.6; ink below the
+    0.3 threshold is no ink; two empty frames agree (1)."""
+    target = np.zeros((1, 4, 8, 8))
+    target[0, :, 2:6, 2:6] = 0.8
+    prediction = np.roll(target, 1, axis=-1)
+    prediction[0, 1] = 0.25 * (target[0, 1] > 0)  # the right place, but too faint to count as ink
+    prediction[0, 2] = target[0, 2]
+    prediction[0, 3] = 0.0
+    target[0, 3] = 0.0
+    np.testing.assert_allclose(metrics.iou(prediction, target), [[12 / 20, 0.0, 1.0, 1.0]])
+
+
+def test_ink_ratio_is_a_ratio_of_sums_over_sequences():
+    """Two sequences, one frame: a dream with half the ink of a heavy frame and all of a light one keeps
+    (0.5 * 40 + 10) / (40 + 10) = 0.6 of the ink, not the mean of the ratios (0.75)."""
+    target = np.zeros((2, 1, 8, 8))
+    target[0, 0, :5, :8] = 1.0  # 40
+    target[1, 0, :2, :5] = 1.0  # 10
+    prediction = target.copy()
+    prediction[0] *= 0.5
+    values = metrics.frame_metrics(prediction, target, ["ink", "true_ink", "iou"])
+    np.testing.assert_allclose(values["ink"], [[20.0], [10.0]])
+    table = metrics.frame_table({"dream": values})
+    assert metrics.overall(table)["dream"]["ink_ratio"] == pytest.approx(0.6)
+    horizons = metrics.per_horizon(table)
+    assert list(horizons.columns) == ["horizon", "dream_iou", "dream_ink_ratio"]
+    assert horizons["dream_ink_ratio"].item() == pytest.approx(0.6)
+
+
+def test_blurred_last_grows_with_the_horizon_and_its_scale_is_fitted():
+    """The blur of a point of ink by sigma = scale * h is the sampled Gaussian (zero outside the frame);
+    frames that really do blur the last one at scale 0.5 are fitted back to 0.5."""
+    past = np.zeros((1, 2, 33, 33))
+    past[0, -1, 16, 16] = 1.0
+    blurred = metrics.blurred_last(past, 3, scale=0.5)
+    assert blurred.shape == (1, 3, 33, 33)
+    for horizon in (1, 2, 3):
+        sigma = 0.5 * horizon
+        profile = np.exp(-0.5 * (np.arange(-16, 17) / sigma) ** 2)
+        profile /= profile.sum()
+        np.testing.assert_allclose(blurred[0, horizon - 1], np.outer(profile, profile), atol=1e-5)  # 4 sigma
+    rng = np.random.default_rng(2)
+    frames = np.zeros((6, 5, 16, 16))
+    frames[:, 1] = rng.random((6, 16, 16)) > 0.8
+    frames[:, 2:] = metrics.blurred_last(frames[:, :2], 3, scale=0.5)
+    assert metrics.fit_blur_scale(frames, past=2) == pytest.approx(0.5)
+    answers = metrics.baselines(frames[:, :2], np.zeros((6, 3, 16, 16), np.uint8), lambda t: t, 0.5)
+    np.testing.assert_array_equal(answers["blurred_last"], frames[:, 2:].astype(np.float32))

@@ -28,8 +28,16 @@ def test_splits_are_consecutive_and_checked() -> None:
     assert split_range("train", 6, 3, 6) == range(0, 6)  # train does not need the validation sequences
     with pytest.raises(ValueError, match="holds 8 sequences but the val split needs 9"):
         split_range("val", 6, 3, 8)
-    with pytest.raises(ValueError, match="unknown split 'test'"):
-        split_range("test", 6, 3, 10)
+    # test: the sequences after validation; it needs the store to hold all three splits, they only theirs
+    assert split_range("test", 6, 3, 10, test_sequences=1) == range(9, 10)
+    assert split_range("val", 6, 3, 9, test_sequences=5) == range(6, 9)
+    assert split_range("test", 6, 3, 10) == range(9, 9)  # no test split asked for
+    with pytest.raises(
+        ValueError, match=r"holds 10 sequences but the test split needs 11 .*test_sequences=2"
+    ):
+        split_range("test", 6, 3, 10, test_sequences=2)
+    with pytest.raises(ValueError, match="unknown split 'holdout'"):
+        split_range("holdout", 6, 3, 10)
 
 
 def test_load_split_reads_a_whole_split(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from mnist_world.core.store import StoreError, create_store, write_sequences
 from mnist_world.data.frames import downsample
 from mnist_world.data.sources import generate_sequences
 from mnist_world.data.tokens import quantize, token_attributes
+from mnist_world.evaluation.action_following import mirror
 from mnist_world.evaluation.evaluate import PREDICTION, evaluate
 from mnist_world.model.checkpoint import CheckpointError, save_checkpoint
 from mnist_world.model.masking import causal_mask
@@ -37,7 +38,9 @@ from mnist_world.model.sampling import new_generator, predict_future
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE, FRAMES, LEVELS, PAST = 16, 6, 8, 3
-DATA = from_params(DataConfig, num_sequences=10, frames=FRAMES, seed=2, train_sequences=4, val_sequences=6)
+DATA = from_params(
+    DataConfig, num_sequences=14, frames=FRAMES, seed=2, train_sequences=4, val_sequences=4, test_sequences=6
+)
 SAMPLE = from_params(SampleConfig, steps=4)
 EVAL = from_params(EvalConfig, sequences=5, batch_size=2, samples=3, strips=3, generations=3)
 TRACKING = {"threshold": 0.2, "min_area": 4, "size": 64, "digits": 2}
@@ -93,6 +96,7 @@ def run(inputs: Path, output: Path, checkpoint: Path | None = None, sample=SAMPL
         sample,
         evaluation,
         output,
+        test_sequences=DATA.test_sequences,
         device="cpu",
         progress=False,
         **kw,
@@ -111,10 +115,11 @@ def independent_scores(inputs: Path) -> dict[str, dict[str, np.ndarray]]:
     from mnist_world.model.checkpoint import load_model
 
     model, _ = load_model(inputs / "best.pt")
-    first, count = DATA.train_sequences, EVAL.sequences
+    first, count = DATA.train_sequences + DATA.val_sequences, EVAL.sequences  # the test split
     tokens = open_array(inputs / "tokens.zarr", "tokens")[first : first + count].astype(np.int64)
     frames = open_array(inputs / "frames.zarr", "frames")[first : first + count].astype(np.float64)
     actions = open_array(inputs / "actions.zarr", "actions")[first : first + count]
+    validation = open_array(inputs / "frames.zarr", "frames")[DATA.train_sequences : first].astype(np.float64)
     means = np.array(
         json.loads((inputs / "tokens.zarr" / "zarr.json").read_text())["attributes"]["bin_means"]
     )
@@ -128,16 +133,19 @@ def independent_scores(inputs: Path) -> dict[str, dict[str, np.ndarray]]:
     point = (torch.softmax(logits[:, PAST:].double(), dim=-1).numpy() * means).sum(axis=-1)
 
     # Sampled futures: sample i of the batch starting at sequence s draws from seed (sample.seed, s, 0, i).
+    # The mirrored twin of sample 0: the same draws under the mirrored future actions.
     samples = np.zeros((EVAL.samples, *target.shape))
+    mirrored = np.zeros(target.shape)
     for start in range(0, count, EVAL.batch_size):
         rows = slice(start, min(start + EVAL.batch_size, count))
-        for index in range(EVAL.samples):
+        runs = [(index, actions[rows], samples[index]) for index in range(EVAL.samples)]
+        for index, command, into in [*runs, (0, mirror(actions[rows], PAST), mirrored)]:
             generator = new_generator(derived_seed(SAMPLE.seed, first + start, PREDICTION, index), "cpu")
             future = predict_future(
-                model, torch.from_numpy(tokens[rows, :PAST]), torch.from_numpy(actions[rows]), SAMPLE,
+                model, torch.from_numpy(tokens[rows, :PAST]), torch.from_numpy(command), SAMPLE,
                 mask_id=LEVELS, generator=generator,
             )  # fmt: skip
-            samples[index, rows] = means[future.numpy()]
+            into[rows] = means[future.numpy()]
 
     def scores(prediction: np.ndarray) -> dict[str, np.ndarray]:
         error = (prediction - target) ** 2
@@ -149,36 +157,85 @@ def independent_scores(inputs: Path) -> dict[str, dict[str, np.ndarray]]:
             for n in range(count)
         ]
         mse = error.mean(axis=(2, 3))
+        overlap = [
+            [
+                np.logical_and(prediction[n, f] > 0.3, target[n, f] > 0.3).sum()
+                / max(np.logical_or(prediction[n, f] > 0.3, target[n, f] > 0.3).sum(), 1)
+                if np.logical_or(prediction[n, f] > 0.3, target[n, f] > 0.3).any()
+                else 1.0
+                for f in range(3)
+            ]
+            for n in range(count)
+        ]
         return {
             "mse": mse,
             "mse_sum": error.sum(axis=(2, 3)),
             "psnr": 10 * np.log10(1 / mse),
             "ssim": np.array(ssim),
+            "iou": np.array(overlap),
+            "ink": prediction.sum(axis=(2, 3)),
         }
 
     per_sample = [scores(sample) for sample in samples]
-    best = np.argmin([s["mse"].mean(axis=1) for s in per_sample], axis=0)  # (sequences,) closest sample
+    best = np.argmax([s["iou"].mean(axis=1) for s in per_sample], axis=0)  # (sequences,) best-placed ink
+    scale = blur_scale_by_hand(validation)
     return {
         "point": scores(point),
         "sampled": per_sample[0],
         "best_of_n": {
             name: np.stack([s[name] for s in per_sample])[best, np.arange(count)] for name in per_sample[0]
         },
+        "mirrored": scores(mirrored),
         "copy_last": scores(np.repeat(frames[:, PAST - 1 : PAST], FRAMES - PAST, axis=1)),
         "blank": scores(np.zeros_like(target)),
+        "blurred_last": scores(blur_by_hand(frames[:, PAST - 1], scale)),
         "quantization": scores(means[tokens[:, PAST:]]),
         "_samples_mse": np.stack([s["mse"] for s in per_sample]),
+        "_true_ink": target.sum(axis=(2, 3)),
+        "_scale": scale,
     }
+
+
+def blur_by_hand(last: np.ndarray, scale: float) -> np.ndarray:
+    """(N, F, H, W): frames (N, H, W) blurred at horizon h by a Gaussian of sigma scale * h, zero outside the
+    frame, as a dense matrix product (scipy truncates the kernel at 4 sigma: so does this)."""
+    size = last.shape[-1]
+    position = np.arange(size)
+    blurred = []
+    for horizon in range(1, FRAMES - PAST + 1):
+        sigma = scale * horizon
+        if sigma == 0:
+            blurred.append(last)
+            continue
+        radius = int(4 * sigma + 0.5)
+        offset = position[:, None] - position[None, :]
+        kernel = np.where(np.abs(offset) <= radius, np.exp(-0.5 * (offset / sigma) ** 2), 0.0)
+        kernel /= np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2).sum()
+        blurred.append(np.einsum("ij,njk,lk->nil", kernel, last, kernel))
+    return np.stack(blurred, axis=1)
+
+
+def blur_scale_by_hand(validation: np.ndarray) -> float:
+    """The scale on the 0.05 grid up to 1.5 with the least MSE of the blurred last frame on `validation`."""
+    grid = np.round(np.arange(0.0, 1.51, 0.05), 2)
+    errors = [((blur_by_hand(validation[:, PAST - 1], s) - validation[:, PAST:]) ** 2).mean() for s in grid]
+    return float(grid[int(np.argmin(errors))])
 
 
 def test_every_written_value_matches_an_independent_computation(inputs, report):
     result, output = report
     expected = independent_scores(inputs)
     samples_mse = expected.pop("_samples_mse")
+    true_ink, scale = expected.pop("_true_ink"), expected.pop("_scale")
+    for metrics in expected.values():  # ink ratio: a ratio of sums over sequences (and horizons)
+        metrics["ink_ratio"] = metrics.pop("ink")
     assert json.loads((output / "metrics.json").read_text()) == result
+    assert result["split"] == "test" and result["first_sequence"] == DATA.train_sequences + DATA.val_sequences
+    assert result["blurred_last_scale"] == pytest.approx(scale)
     for method, metrics in expected.items():
         for name, values in metrics.items():
-            assert result[method][name] == pytest.approx(values.mean(), rel=1e-4, abs=1e-6), (method, name)
+            value = values.sum() / true_ink.sum() if name == "ink_ratio" else values.mean()
+            assert result[method][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (method, name)
     for method in ("point", "sampled", "best_of_n"):
         blank, copy = expected["blank"]["mse"].mean(), expected["copy_last"]["mse"].mean()
         assert result[method]["mse_vs_blank"] == pytest.approx(result[method]["mse"] / blank)
@@ -186,35 +243,51 @@ def test_every_written_value_matches_an_independent_computation(inputs, report):
     with (output / "per_horizon.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [int(row["horizon"]) for row in rows] == [1, 2, 3]
-    assert len(rows[0]) == 1 + 6 * 4  # horizon, then 6 methods x 4 metrics
+    assert len(rows[0]) == 1 + 8 * 6  # horizon, then 8 methods x 6 metrics
     for horizon, row in enumerate(rows):
         for method, metrics in expected.items():
             for name, values in metrics.items():
                 column = f"{method}_{name}"
-                assert float(row[column]) == pytest.approx(values[:, horizon].mean(), rel=1e-4, abs=1e-6), (
-                    column
-                )
-    # Best of N: per sequence never worse than the mean of its samples, nor than any one of them.
+                if name == "ink_ratio":
+                    value = values[:, horizon].sum() / true_ink[:, horizon].sum()
+                else:
+                    value = values[:, horizon].mean()
+                assert float(row[column]) == pytest.approx(value, rel=1e-4, abs=1e-6), column
+        for method in result["dream"]:  # metrics.json's summary: the same numbers at horizons 1 and 2
+            for name in ("ink_ratio", "iou", "ssim"):
+                if horizon + 1 in (1, 2):
+                    assert result["dream"][method][f"{name}_h{horizon + 1}"] == pytest.approx(
+                        float(row[f"{method}_{name}"]), rel=1e-5
+                    )
+    assert set(result["dream"]) == {
+        "point", "sampled", "best_of_n", "mirrored", "blank", "copy_last", "blurred_last"
+    }  # fmt: skip
+    # Best of N is chosen by the dream score: never a lower mean IoU than any of its samples.
+    best_iou = expected["best_of_n"]["iou"].mean(axis=1)
+    assert np.all(best_iou >= expected["sampled"]["iou"].mean(axis=1) - 1e-12)
+    # MSE chooses nothing: best of N's MSE is one of its samples', not necessarily the least.
     best = expected["best_of_n"]["mse"].mean(axis=1)
-    assert np.all(best <= samples_mse.mean(axis=(0, 2)) + 1e-12)
-    assert np.all(best <= samples_mse.mean(axis=2).min(axis=0) + 1e-12)
+    assert np.all(np.isclose(best[None], samples_mse.mean(axis=2)).any(axis=0))
 
 
 def test_metrics_json_holds_every_method_and_action_following(report):
     result, _ = report
     assert (result["sequences"], result["past_frames"], result["samples"]) == (5, PAST, 3)
     assert result["decode"] == "mean"
+    pixels = {"mse", "mse_sum", "psnr", "ssim", "iou", "ink_ratio"}
     for method in ("point", "sampled", "best_of_n"):
-        assert set(result[method]) == {"mse", "mse_sum", "psnr", "ssim", "mse_vs_blank", "mse_vs_copy_last"}
-    for method in ("copy_last", "quantization", "blank"):
-        assert set(result[method]) == {"mse", "mse_sum", "psnr", "ssim"}
+        assert set(result[method]) == pixels | {"mse_vs_blank", "mse_vs_copy_last"}
+    for method in ("copy_last", "quantization", "blank", "blurred_last", "mirrored"):
+        assert set(result[method]) == pixels
     # Decoding to the data's bin means: the floor beats a blank frame on SSIM (0.998 on the default stores;
     # 8 levels at 16x16 here).
     assert result["quantization"]["ssim"] > max(0.95, result["blank"]["ssim"])
     following = result["action_following"]
-    assert {"error_px", "cosine", "follows", "tracked", "ground_truth_error_px", "still_error_px"} <= set(
-        following
-    )
+    assert {
+        "error_px", "cosine", "follows", "found", "tracked", "ground_truth_error_px", "ground_truth_found",
+        "still_error_px", "blank_error_px", "blank_cosine", "blank_follows", "blank_found",
+    } <= set(following)  # fmt: skip
+    assert following["blank_found"] == 0.0 and following["blank_cosine"] == 0.0
     assert (
         following["ground_truth_cosine"] > 0.5
     )  # the tracker itself sees the true frames follow the actions
@@ -241,13 +314,13 @@ def test_centre_decoding_lowers_the_floor_ssim(inputs, report, tmp_path):
 def test_pictures_are_strips_and_animations_of_the_right_size(report):
     _, output = report
     strips = sorted((output / "future_pred").glob("*.png"))
-    assert [path.stem for path in strips] == ["sequence_00004", "sequence_00005", "sequence_00006"]
+    assert [path.stem for path in strips] == ["sequence_00008", "sequence_00009", "sequence_00010"]
     assert len(list((output / "future_pred").glob("*.gif"))) == 3
     with Image.open(strips[0]) as image:
         width, height = image.size
     # 6 frames, 6 rows (truth, point, sampled, best of N, mirrored, copy last), 4x enlarged.
     assert width > FRAMES * SIZE * 4 and height > 6 * SIZE * 4
-    with Image.open(output / "future_pred" / "sequence_00004.gif") as animation:
+    with Image.open(output / "future_pred" / "sequence_00008.gif") as animation:
         assert animation.n_frames == FRAMES
     assert len(list((output / "generation").glob("*.png"))) == 3
     assert len(list((output / "generation").glob("*.gif"))) == 3
@@ -278,9 +351,20 @@ def test_a_checkpoint_for_other_tokens_is_rejected(inputs, tmp_path):
         run(inputs, tmp_path / "out", checkpoint=tmp_path / "other.pt")
 
 
-def test_more_sequences_than_the_validation_split_is_an_error(inputs, tmp_path):
-    with pytest.raises(ValueError, match="eval.sequences=7 exceeds the 6 validation sequences"):
+def test_more_sequences_than_the_test_split_is_an_error(inputs, tmp_path):
+    with pytest.raises(
+        ValueError, match=r"eval.sequences=7 exceeds the 6 test sequences \(data.test_sequences\)"
+    ):
         run(inputs, tmp_path / "out", evaluation=from_params(EvalConfig, sequences=7))
+
+
+def test_a_test_split_beyond_the_store_is_an_error(inputs, tmp_path):
+    small = from_params(EvalConfig, sequences=1, batch_size=1, samples=1, strips=0, generations=0)
+    with pytest.raises(ValueError, match="holds 14 sequences but the test split needs 15"):
+        evaluate(
+            inputs / "best.pt", inputs / "tokens.zarr", inputs / "frames.zarr", inputs / "actions.zarr",
+            SAMPLE, small, tmp_path / "out", test_sequences=7, device="cpu", progress=False,
+        )  # fmt: skip
 
 
 def test_guidance_without_the_individual_objective_warns(inputs, tmp_path):
@@ -313,6 +397,7 @@ def test_the_stage_has_help():
 
 def test_the_stage_runs_end_to_end_and_fails_in_one_line(inputs, tmp_path):
     params = {
+        "data": as_dict(DATA),
         "sample": as_dict(SAMPLE),
         "eval": as_dict(
             from_params(EvalConfig, sequences=2, batch_size=2, samples=2, strips=1, generations=1)

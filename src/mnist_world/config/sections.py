@@ -51,7 +51,7 @@ DIGIT_SIZE = 28  # MNIST digits are 28x28 at the raw canvas resolution: the gene
 
 @section("data")
 class DataConfig:
-    """Where raw frames come from, how the generator draws them, and the train/validation split."""
+    """Where raw frames come from, how the generator draws them, and the train/validation/test split."""
 
     source: typing.Literal["generate", "url", "file"]
     num_sequences: Integer
@@ -66,6 +66,7 @@ class DataConfig:
     path: Text
     train_sequences: Integer
     val_sequences: Integer
+    test_sequences: Integer  # after validation; only the evaluate stage reads them
     sequences_per_shard: Integer
 
     @model_validator(mode="after")
@@ -79,6 +80,8 @@ class DataConfig:
         require(self.speed > 0, "data.speed: must be positive")
         require(self.train_sequences > 0, "data.train_sequences: must be positive")
         require(self.val_sequences >= 0, "data.val_sequences: must not be negative")
+        # The splits are checked against the sequences a store holds where they are read (split_range)
+        require(self.test_sequences >= 0, "data.test_sequences: must not be negative")
         require(self.sequences_per_shard > 0, "data.sequences_per_shard: must be positive")
         return self
 

@@ -13,8 +13,8 @@ import torch
 from mnist_world.core.store import SequenceArray, StoreError, open_array, repair_advice
 from mnist_world.data.tokens import Vocabulary
 
-Split = Literal["train", "val"]
-SPLITS = ("train", "val")
+Split = Literal["train", "val", "test"]
+SPLITS = ("train", "val", "test")
 
 
 def geometry_of(tokens_path: str | Path) -> Vocabulary:
@@ -23,17 +23,25 @@ def geometry_of(tokens_path: str | Path) -> Vocabulary:
     return Vocabulary.from_store(tokens_path, "centre")
 
 
-def split_range(split: str, train_sequences: int, val_sequences: int, total: int) -> range:
-    """Sequence indices of a split: train = the first `train_sequences`, val = the `val_sequences` next."""
+def split_range(
+    split: str, train_sequences: int, val_sequences: int, total: int, test_sequences: int = 0
+) -> range:
+    """Sequence indices of a split: train = the first `train_sequences`, val = the `val_sequences` next,
+    test = the `test_sequences` after those. Each split needs the store to hold it and the ones before it
+    only, so the test split can grow without moving the others."""
     if split not in SPLITS:
         raise ValueError(f"unknown split '{split}' (known: {', '.join(SPLITS)})")
-    needed = train_sequences + (val_sequences if split == "val" else 0)
-    if total < needed:
+    sizes = {"train": train_sequences, "val": val_sequences, "test": test_sequences}
+    ends = np.cumsum(list(sizes.values())).tolist()
+    stop = ends[SPLITS.index(split)]
+    start = stop - sizes[split]
+    if total < stop:
         raise ValueError(
-            f"the store holds {total} sequences but the {split} split needs {needed} "
-            f"(data.train_sequences={train_sequences}, data.val_sequences={val_sequences})"
+            f"the store holds {total} sequences but the {split} split needs {stop} "
+            f"(data.train_sequences={train_sequences}, data.val_sequences={val_sequences}"
+            + (f", data.test_sequences={test_sequences})" if split == "test" else ")")
         )
-    return range(0, train_sequences) if split == "train" else range(train_sequences, needed)
+    return range(start, stop)
 
 
 def open_pair(tokens_path: str | Path, actions_path: str | Path) -> tuple[SequenceArray, SequenceArray]:

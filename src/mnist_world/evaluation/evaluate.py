@@ -1,10 +1,15 @@
-"""Scoring a checkpoint on the validation split: the model's point prediction, its sampled futures and the
-best of them against the continuous frames and the trivial baselines, action following and its
-counterfactual, and pictures of predictions and generations.
+"""Scoring a checkpoint on the test split: the model's point prediction, its sampled futures and the best
+of them against the continuous frames and the trivial baselines, whether its dreams keep their ink where the
+truth has it (ink ratio, ink IoU), action following and its counterfactual, and pictures.
 
-`evaluate` is the one entry point; it rebuilds the model from the checkpoint alone, reads the data split and
-past frames from the checkpoint's params and the tracker's settings from the action store, and is
-deterministic: the same checkpoint, stores and configs give the same metrics, exactly.
+`evaluate` is the one entry point; it rebuilds the model from the checkpoint alone, reads past frames and
+where its training and validation splits end from the checkpoint's params and the tracker's settings from
+the action store, and is deterministic: the same checkpoint, stores and configs give the same metrics.
+
+The test split is the `data.test_sequences` sequences right after the checkpoint's training and validation
+splits, so no training, checkpoint selection or tuning has seen them; a checkpoint made before the test split
+existed is scored the same way, as its params record where its own splits end. The blurred-last baseline's
+one free number is fitted on the checkpoint's validation split.
 """
 
 from __future__ import annotations
@@ -20,7 +25,14 @@ from tqdm import tqdm
 
 from mnist_world.config import EvalConfig, SampleConfig
 from mnist_world.core.atomic import atomic_path, write_json
-from mnist_world.core.metrics import baselines, frame_metrics, frame_table, overall, per_horizon
+from mnist_world.core.metrics import (
+    baselines,
+    fit_blur_scale,
+    frame_metrics,
+    frame_table,
+    overall,
+    per_horizon,
+)
 from mnist_world.core.randomness import derived_seed
 from mnist_world.core.store import StoreError
 from mnist_world.data.dataset import check_values, split_range
@@ -39,7 +51,11 @@ from mnist_world.model.sampling import (
 )
 
 MODEL_METHODS = ("point", "sampled", "best_of_n")  # best_of_n only with eval.samples > 1
-BASELINES = ("copy_last", "blank", "quantization")
+BASELINES = ("copy_last", "blank", "blurred_last", "quantization")
+# `mirrored`: the first sample's twin under mirrored future actions, scored against the true future: a model
+# that obeys its actions moves the digit elsewhere, so its IoU falls below `sampled`'s
+DREAM_METHODS = ("point", "sampled", "best_of_n", "mirrored", "blank", "copy_last", "blurred_last")
+DREAM_HORIZONS = (1, 2, 5, 10)  # the horizons metrics.json reports the dream scores at (those that exist)
 SCALE = 4  # picture enlargement: 32x32 frames become 128x128
 PREDICTION, GENERATION = 0, 1  # random streams of the sampler
 
@@ -64,15 +80,22 @@ class Stores(ValidationStores):
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """What the checkpoint says about how to evaluate it: past frames and the validation split."""
+    """What the checkpoint says about how to evaluate it: past frames, and the test and validation splits."""
 
     past: int
-    first: int  # the first validation sequence
-    count: int  # validation sequences scored
+    first: int  # the first test sequence
+    count: int  # test sequences scored
+    validation: range  # the checkpoint's validation split (fits the blurred-last baseline)
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: Path, payload: dict[str, Any], total: int, frames: int, evaluation: EvalConfig
+        cls,
+        checkpoint: Path,
+        payload: dict[str, Any],
+        total: int,
+        frames: int,
+        evaluation: EvalConfig,
+        test_sequences: int,
     ) -> Run:
         params = payload.get("params", {})
         train, data = params.get("train", {}), params.get("data", {})
@@ -88,15 +111,17 @@ class Run:
             raise CheckpointError(
                 f"{checkpoint}: train.past_frames={past} leaves no future in {frames} frames"
             )
-        validation = split_range(
-            "val", int(data["train_sequences"]), int(data.get("val_sequences", 0)), total
-        )
-        if evaluation.sequences > len(validation):
+        train, val = int(data["train_sequences"]), int(data.get("val_sequences", 0))
+        if evaluation.sequences > test_sequences:
             raise ValueError(
-                f"eval.sequences={evaluation.sequences} exceeds the {len(validation)} validation sequences "
-                f"the checkpoint was trained beside"
+                f"eval.sequences={evaluation.sequences} exceeds the {test_sequences} test sequences "
+                f"(data.test_sequences)"
             )
-        return cls(past=past, first=validation.start, count=evaluation.sequences)
+        test = split_range("test", train, val, total, test_sequences=test_sequences)
+        validation = split_range("val", train, val, total)
+        if not validation:
+            raise CheckpointError(f"{checkpoint}: no validation split to fit the blurred-last baseline on")
+        return cls(past=past, first=test.start, count=evaluation.sequences, validation=validation)
 
 
 def evaluate(
@@ -107,21 +132,25 @@ def evaluate(
     sample: SampleConfig,
     evaluation: EvalConfig,
     output: str | Path,
+    test_sequences: int,
     decode: str = "mean",
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Score `checkpoint` on the first `evaluation.sequences` validation sequences and write `output`/:
+    """Score `checkpoint` on the first `evaluation.sequences` test sequences and write `output`/:
     metrics.json, per_horizon.csv, future_pred/ and generation/ (PNG strips and GIFs). Returns the metrics.
 
-    Tokens become pixels by `decode` (`mean`: each level's mean intensity over the training split, `centre`:
-    bin centres). The validation split and the number of past frames are the checkpoint's.
+    The test split is the `test_sequences` (data.test_sequences) after the checkpoint's training and
+    validation splits. Tokens become pixels by `decode` (`mean`: each level's mean intensity over the
+    training split, `centre`: bin centres). The number of past frames is the checkpoint's.
     """
     checkpoint, device = Path(checkpoint), torch.device(device)
     model, payload = load_model(checkpoint, device)
     warn_if_unguided(sample.guidance, payload.get("params", {}).get("train", {}).get("objectives"))
     stores = Stores(Path(tokens_path), Path(frames_path), Path(actions_path), model, decode)
-    run = Run.from_checkpoint(checkpoint, payload, *stores.tokens.shape[:2], evaluation)
+    run = Run.from_checkpoint(checkpoint, payload, *stores.tokens.shape[:2], evaluation, test_sequences)
+    validation = stores.frames[run.validation.start : run.validation.stop]
+    blur_scale = fit_blur_scale(validation, run.past)
 
     tables, following, drawn = [], {}, []
     starts = range(0, run.count, evaluation.batch_size)
@@ -133,7 +162,7 @@ def evaluate(
             tokens, commanded, stores.vocabulary.levels, first, stores.tokens_path, stores.actions_path
         )
         futures = predict(model, tokens[:, : run.past], commanded, sample, evaluation.samples, first, stores)
-        answers = score_answers(futures, truth, tokens, run.past, stores.vocabulary)
+        answers = score_answers(futures, truth, tokens, run.past, stores.vocabulary, blur_scale)
         tables.append(frame_table({name: scores for name, (_, scores) in answers.items()}, first))
         moves = follow_actions(
             truth, futures.samples[0], futures.mirrored, commanded, run.past, stores.tracker
@@ -146,7 +175,7 @@ def evaluate(
             })  # fmt: skip
 
     table = pd.concat(tables, ignore_index=True)  # one row per (method, sequence, horizon)
-    result = summarize(table, run, evaluation, decode)
+    result = summarize(table, run, evaluation, decode, blur_scale)
     result.update(summarize_following({name: np.concatenate(values) for name, values in following.items()}))
 
     output = Path(output)
@@ -209,11 +238,21 @@ def predict(
 
 
 def score_answers(
-    futures: Futures, truth: np.ndarray, tokens: np.ndarray, past: int, vocabulary: Vocabulary
+    futures: Futures,
+    truth: np.ndarray,
+    tokens: np.ndarray,
+    past: int,
+    vocabulary: Vocabulary,
+    blur_scale: float,
 ) -> dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]:
     """{method: (future frames (B, F, H, W), per-frame metrics {metric: (B, F)})} for the model's point
-    prediction, its first sample, the best of its samples (the one closest to the truth in MSE over the whole
-    future, per sequence; with more than one sample) and the baselines."""
+    prediction, its first sample, the best of its samples, the first sample's twin under mirrored actions and
+    the baselines.
+
+    Best of N picks, per sequence, the sample with the highest ink IoU averaged over the future (the first on
+    a tie): the dream whose digits sit where the truth's do. Picking by MSE would pick the faintest sample,
+    since a blank frame costs less than a crisp digit one pixel off.
+    """
     target = truth[:, past:]
     sampled = [frame_metrics(frames, target) for frames in futures.samples]
     answers = {
@@ -221,27 +260,34 @@ def score_answers(
         "sampled": (futures.samples[0], sampled[0]),
     }
     if len(futures.samples) > 1:
-        errors = np.stack([scores["mse"].mean(axis=1) for scores in sampled])  # (S, B)
-        best = errors.argmin(axis=0)  # (B,)
+        overlap = np.stack([scores["iou"].mean(axis=1) for scores in sampled])  # (S, B)
+        best = overlap.argmax(axis=0)  # (B,)
         rows = np.arange(len(best))
         answers["best_of_n"] = (
             futures.samples[best, rows],
             {name: np.stack([s[name] for s in sampled])[best, rows] for name in sampled[0]},
         )
-    for name, frames in baselines(truth[:, :past], tokens[:, past:], vocabulary.decode).items():
+    answers["mirrored"] = (futures.mirrored, frame_metrics(futures.mirrored, target))
+    for name, frames in baselines(truth[:, :past], tokens[:, past:], vocabulary.decode, blur_scale).items():
         answers[name] = (frames, frame_metrics(frames, target))
     return answers
 
 
-def summarize(table: pd.DataFrame, run: Run, evaluation: EvalConfig, decode: str) -> dict[str, Any]:
-    """metrics.json's pixel part: each method's means, and for the model's answers their MSE as a ratio to
-    the blank frame's and the copy-last frame's (< 1: better)."""
+def summarize(
+    table: pd.DataFrame, run: Run, evaluation: EvalConfig, decode: str, blur_scale: float
+) -> dict[str, Any]:
+    """metrics.json's pixel part: the split scored, each method's means, for the model's answers their MSE as
+    a ratio to the blank frame's and the copy-last frame's (< 1: better), and `dream`: per method the ink
+    ratio, ink IoU and SSIM at a few horizons and over all of them."""
     means = overall(table)
     result: dict[str, Any] = {
+        "split": "test",
+        "first_sequence": run.first,
         "sequences": run.count,
         "past_frames": run.past,
         "samples": evaluation.samples,
         "decode": decode,
+        "blurred_last_scale": blur_scale,  # sigma = scale x horizon pixels, fitted on the validation split
     }
     for method, scores in means.items():
         if method in MODEL_METHODS:
@@ -251,7 +297,26 @@ def summarize(table: pd.DataFrame, run: Run, evaluation: EvalConfig, decode: str
                 "mse_vs_copy_last": _ratio(scores["mse"], means["copy_last"]["mse"]),
             }
         result[method] = scores
+    result["dream"] = dream_summary(table, means)
     return result
+
+
+def dream_summary(table: pd.DataFrame, means: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """{method: {"ink_ratio_h1": ..., "iou_h5": ..., "ssim_h10": ..., "ink_ratio_mean": ...}}: the scores
+    that tell whether a future keeps its digits, at DREAM_HORIZONS and over every horizon."""
+    horizons = per_horizon(table).set_index("horizon")
+    summary: dict[str, dict[str, float]] = {}
+    for method in DREAM_METHODS:
+        if method not in means:
+            continue
+        scores = {}
+        for name in ("ink_ratio", "iou", "ssim"):
+            for horizon in DREAM_HORIZONS:
+                if horizon in horizons.index:
+                    scores[f"{name}_h{horizon}"] = float(horizons.at[horizon, f"{method}_{name}"])
+            scores[f"{name}_mean"] = means[method][name]
+        summary[method] = scores
+    return summary
 
 
 def _ratio(value: float, reference: float) -> float:
