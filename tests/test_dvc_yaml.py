@@ -93,3 +93,22 @@ def test_stage_paths_are_stated_once(stage: str) -> None:
         if not any(d == path or d.startswith(f"{path}/") or path.startswith(f"{d}/") for d in declared)
     }
     assert not undeclared, f"{stage}: default paths not in dvc.yaml: {sorted(undeclared)}"
+
+
+def test_the_trained_model_is_a_declared_artifact() -> None:
+    """`artifacts:` names best.pt (the checkpoint evaluation reads) as a model, inside the train stage's outs,
+    and DVC itself reads the section."""
+    from dvc.repo import Repo
+
+    from mnist_world.model.checkpoint import BEST
+
+    with Repo(str(ROOT)) as repo:
+        artifacts = repo.artifacts.read()["dvc.yaml"]
+    models = {name: artifact for name, artifact in artifacts.items() if artifact.type == "model"}
+    assert [artifact.path for artifact in models.values()] == [f"models/{BEST}"]
+    (artifact,) = models.values()
+    assert artifact.desc and artifact.labels
+    train_outs = {
+        next(iter(entry)) if isinstance(entry, dict) else entry for entry in STAGES["train"]["outs"]
+    }
+    assert any(artifact.path.startswith(f"{out}/") for out in train_outs)

@@ -244,7 +244,7 @@ class _Run:
                 break
         last = learner.history[-1] if learner.history else {}
         if log is not None:
-            log.write({"best_val_loss": learner.best_val_loss, "epoch": learner.epoch})
+            log.end({"best_val_loss": learner.best_val_loss, "epoch": learner.epoch})
         return {**last, "best_val_loss": learner.best_val_loss, "epoch": learner.epoch}
 
 
