@@ -16,8 +16,9 @@ frame and action stores into a bundle folder and downloads the wheels that zarr 
 the metrics table), results.md (the same as a README table), per_horizon.csv, a few prediction strips and
 best.pt, the trained checkpoint (its params, data fingerprint and vocabulary inside; the date and GPU beside
 it in results.json). It stops training cleanly at --budget seconds (default: 8 minutes of wall time for the
-whole command). Whatever params.yaml's defaults, it trains the recipe's own model and optimiser (below);
-`--full` trains the full recipe (the 14.6M model, objectives 50/40/10).
+whole command). Whatever params.yaml's defaults, it trains the recipe of `recipe.yaml` (its split, model,
+optimiser and epochs, and the number of sequences scored; `--epochs`, `--batch-size` and `--eval-sequences`
+change them); `--full` trains the full recipe (the 14.6M model, objectives 50/40/10).
 """
 
 from __future__ import annotations
@@ -68,13 +69,16 @@ def prepare(
     ),
     bundle: Annotated[Path, typer.Option(help="Bundle folder to write.")] = Path("gpu_bundle"),
     wheels: Annotated[Path, typer.Option(help="Wheel folder to fill for the GPU machine.")] = Path(".whl"),
-    params: Annotated[Path, typer.Option(help="Params file; `data` gives the split.")] = Path("params.yaml"),
+    params: Annotated[Path, typer.Option(help="Params file (its data section).")] = Path("params.yaml"),
+    recipe_file: Annotated[
+        Path, typer.Option("--recipe", help="Recipe file; its data section gives the split.")
+    ] = recipe.RECIPE,
     python_version: Annotated[str, typer.Option(help="The GPU machine's Python.")] = "3.12",
     download_wheels: Annotated[bool, typer.Option(help="Download zarr's wheels into WHEELS.")] = True,
 ) -> None:
-    """Copy the train + validation sequences of the stores into BUNDLE and download zarr's wheels."""
-    split = config.load("data", params)
-    count = split.train_sequences + split.val_sequences
+    """Copy the train, validation and test sequences of the stores into BUNDLE and download zarr's wheels."""
+    split = recipe.data_config(params, recipe=recipe_file)
+    count = split.train_sequences + split.val_sequences + split.test_sequences
     for name, array_name in STORES.items():
         source = data / name
         array = open_array(source, array_name)
@@ -84,7 +88,11 @@ def prepare(
             write_sequences(group, array_name, array[:count], split.sequences_per_shard)
     write_json(
         bundle / "split.json",
-        {"train_sequences": split.train_sequences, "val_sequences": split.val_sequences},
+        {
+            "train_sequences": split.train_sequences,
+            "val_sequences": split.val_sequences,
+            "test_sequences": split.test_sequences,
+        },
     )
     if download_wheels:
         download(wheels, python_version)
@@ -189,10 +197,15 @@ def run(
     params: Annotated[Path, typer.Option(help="Params file (model, train, sample, eval sections).")] = Path(
         "params.yaml"
     ),
-    epochs: Annotated[int, typer.Option(help="Training epochs (the recipe: 50).")] = 50,
-    batch_size: Annotated[int, typer.Option(help="Batch size (the recipe: 4).")] = 4,
+    recipe_file: Annotated[Path, typer.Option("--recipe", help="Recipe file (RECIPE.md's numbers).")] = (
+        recipe.RECIPE
+    ),
+    epochs: Annotated[int | None, typer.Option(help="Training epochs [default: the recipe's]")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size [default: the recipe's]")] = None,
     compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile.")] = False,
-    eval_sequences: Annotated[int, typer.Option(help="Validation sequences scored (the recipe: 500).")] = 500,
+    eval_sequences: Annotated[
+        int | None, typer.Option(help="Test sequences scored [default: the recipe's]")
+    ] = None,
     budget: Annotated[
         float, typer.Option(help="Seconds for the whole command; training stops in time.")
     ] = 480,
@@ -204,18 +217,24 @@ def run(
     ] = "16,64",
     full: Annotated[bool, typer.Option(help="The full recipe: 14.6M model, objectives 50/40/10.")] = False,
 ) -> None:
-    """Train the recipe on the bundle and evaluate it on the validation split; write the figures to OUTPUT."""
+    """Train the recipe on the bundle and evaluate it on the test split; write the figures to OUTPUT."""
     started = time.monotonic()
     split = json.loads((bundle / "split.json").read_text())
     data = dataclasses.replace(config.load("data", params), **split)
-    model_config = recipe.model_config(params, full)
+    model_config = recipe.model_config(params, full, recipe_file)
+    asked = {"epochs": epochs, "batch_size": batch_size}
     train_config = recipe.train_config(
-        params, full, epochs=epochs, batch_size=batch_size, device="auto", compile=compile_model
+        params,
+        full,
+        recipe_file,
+        device="auto",
+        compile=compile_model,
+        **{name: value for name, value in asked.items() if value is not None},
     )
     sample = config.load("sample", params)
-    evaluation = dataclasses.replace(
-        config.load("eval", params), sequences=eval_sequences, batch_size=50, strips=3, generations=1
-    )
+    evaluation = recipe.eval_config(params, full, recipe_file, batch_size=50, strips=3, generations=1)
+    if eval_sequences is not None:
+        evaluation = dataclasses.replace(evaluation, sequences=eval_sequences)
     decode = config.load("tokens", params).decode
     tokens, frames, actions = (bundle / name for name in STORES)
 
@@ -247,6 +266,7 @@ def run(
         sample,
         evaluation,
         work / "eval",
+        test_sequences=data.test_sequences,
         decode=decode,
         device=resolve_device(train_config.device),
     )
@@ -260,8 +280,8 @@ def run(
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "epochs_done": summary["epoch"],
-        "epochs_asked": epochs,
-        "batch_size": batch_size,
+        "epochs_asked": train_config.epochs,
+        "batch_size": train_config.batch_size,
         "compile": compile_model,
         "recipe": "full" if full else "fast",
         "parameters": load_checkpoint(models / "best.pt")["architecture"],

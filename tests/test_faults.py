@@ -43,13 +43,13 @@ from mnist_world.model.checkpoint import (
     verify_checkpoint,
 )
 from mnist_world.training.run_folder import (
-    SET_ASIDE,
     ModelsLock,
     discard_set_aside,
     last_good_state,
     recover_set_aside,
     restore_set_aside,
     set_aside,
+    set_aside_folder,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,8 @@ TINY = {
         "num_sequences": 12,
         "frames": 6,
         "train_sequences": 8,
-        "val_sequences": 4,
+        "val_sequences": 2,
+        "test_sequences": 2,
         "sequences_per_shard": 4,
     },
     "tokens": {"frame_size": 8},
@@ -777,7 +778,7 @@ def test_checkpoint_folder_set_aside_restore_and_discard(tmp_path):
     before = snapshot(tmp_path, "models")
 
     folder = set_aside(models)
-    assert folder == models / SET_ASIDE and not list(models.glob("*.pt"))
+    assert folder == set_aside_folder(models) and not list(models.glob("*.pt"))
     save_checkpoint(models / "best.pt", payload(7))  # the new run got as far as one file, then failed
     restored = restore_set_aside(models)
     assert sorted(p.name for p in restored) == ["best.pt", "epoch_001.pt", "epoch_002.pt", "last.pt"]
@@ -789,7 +790,7 @@ def test_checkpoint_folder_set_aside_restore_and_discard(tmp_path):
     set_aside(models)
     save_checkpoint(models / "last.pt", payload(1))  # the new run's first good checkpoint
     discard_set_aside(models)
-    assert not (models / SET_ASIDE).exists() and [p.name for p in models.glob("*.pt")] == ["last.pt"]
+    assert not set_aside_folder(models).exists() and [p.name for p in models.glob("*.pt")] == ["last.pt"]
     assert restore_set_aside(models) == [] and set_aside(tmp_path / "empty") is None
 
 
@@ -802,7 +803,7 @@ def test_checkpoint_folder_recovers_from_a_killed_run(tmp_path):
     assert snapshot(tmp_path, "models") == before
     set_aside(models)
     save_checkpoint(models / "last.pt", payload(1))  # ...then kill -9 after it, before the discard
-    assert recover_set_aside(models) == [] and not (models / SET_ASIDE).exists()
+    assert recover_set_aside(models) == [] and not set_aside_folder(models).exists()
     assert verify_checkpoint(models / "last.pt")["epoch"] == 1
 
 
@@ -946,11 +947,11 @@ def test_a_second_training_run_is_refused_while_one_runs_and_a_stale_lock_is_tak
     finally:
         os.kill(pid, signal.SIGKILL)  # and now it dies holding the lock
         first.communicate()
-    assert (workspace / "models/.lock").read_text().strip() == str(pid)  # a stale lock file stays behind
+    assert (workspace / ".models.lock").read_text().strip() == str(pid)  # a stale lock file stays behind
     done = stage(workspace, "train")
     assert done.returncode == 0, done.stderr
-    assert f"models/.lock: taken over from PID {pid}, which no longer runs" in done.stdout
-    assert not (workspace / "models/.lock").exists()
+    assert f".models.lock: taken over from PID {pid}, which no longer runs" in done.stdout
+    assert not (workspace / ".models.lock").exists()
 
 
 def test_checkpoint_folder_lock_is_exclusive_and_released(tmp_path):
@@ -958,7 +959,7 @@ def test_checkpoint_folder_lock_is_exclusive_and_released(tmp_path):
         assert lock.owner() == os.getpid() and lock.took_over is None
         with pytest.raises(CheckpointError, match=f"another training run \\(PID {os.getpid()}\\)"):
             ModelsLock(tmp_path / "models").acquire()
-    assert not (tmp_path / "models/.lock").exists()
+    assert not (tmp_path / ".models.lock").exists()
 
 
 # --- divergence and the previous run's checkpoints (training.py wiring) ---------------------------------
@@ -976,7 +977,7 @@ def test_a_diverged_run_leaves_the_previous_runs_checkpoints_and_says_where(work
     line = error_line(stage(workspace, "train"))
     assert "non-finite" in line and "models/last.pt (epoch 2)" in line
     assert snapshot(workspace, "models", "reports/train") == before
-    assert not (workspace / "models" / SET_ASIDE).exists()
+    assert not set_aside_folder(workspace / "models").exists()
 
 
 def test_a_finished_run_rechecks_its_checkpoints(workspace):
@@ -989,7 +990,7 @@ def test_a_run_killed_before_its_first_checkpoint_gives_back_the_previous_ones(w
     before = snapshot(workspace, "models")
     set_params(workspace, train__seed=1)  # a different run: the previous checkpoints are set aside
     process = subprocess.Popen(command("train"), cwd=workspace, env=environment(workspace))
-    assert wait_for(lambda: (workspace / "models" / SET_ASIDE).exists(), process)
+    assert wait_for(lambda: set_aside_folder(workspace / "models").exists(), process)
     process.kill()
     process.wait()
     set_params(workspace, train__seed=0)

@@ -18,7 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 TINY = {
-    "data": {"num_sequences": 24, "train_sequences": 12, "val_sequences": 8, "sequences_per_shard": 8},
+    "data": {
+        "num_sequences": 24,
+        "train_sequences": 12,
+        "val_sequences": 8,
+        "test_sequences": 4,
+        "sequences_per_shard": 8,
+    },
     "tokens": {"frame_size": 16},
     "model": {"layers": 1, "embed_dim": 16, "heads": 2},
     "train": {"epochs": 2, "max_train_sequences": 8, "max_val_sequences": 4, "checkpoint_every": 1},

@@ -32,11 +32,16 @@ def script(*args: str) -> subprocess.CompletedProcess:
 def stores(tmp_path: Path) -> tuple[Path, Path]:
     """Tiny token, frame and action stores made by the pipeline's own functions, and a params file."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"].update(num_sequences=14, train_sequences=8, val_sequences=4, sequences_per_shard=4)
+    params["data"].update(
+        num_sequences=14, train_sequences=8, val_sequences=4, test_sequences=2, sequences_per_shard=4
+    )
     params["tokens"].update(frame_size=8)
     params["model"].update(layers=1, embed_dim=16, heads=2)
     params["sample"].update(steps=3)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    recipe = yaml.safe_load((ROOT / "recipe.yaml").read_text())
+    recipe["fast"]["data"] = {"train_sequences": 8, "val_sequences": 4}  # the recipe, on the tiny stores
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     data = build(DataConfig, "data", params["data"])
     folder = tmp_path / "data"
     build_raw_store(data, folder / "raw.zarr", progress=False)
@@ -54,7 +59,7 @@ def bundle(tmp_path: Path, stores: tuple[Path, Path]) -> tuple[Path, Path]:
     data, params = stores
     bundle = tmp_path / "bundle"
     prepared = script("prepare", "--data", str(data), "--bundle", str(bundle), "--params", str(params),
-                      "--no-download-wheels")  # fmt: skip
+                      "--recipe", str(tmp_path / "recipe.yaml"), "--no-download-wheels")  # fmt: skip
     assert prepared.returncode == 0, prepared.stderr
     return bundle, params
 
@@ -62,11 +67,13 @@ def bundle(tmp_path: Path, stores: tuple[Path, Path]) -> tuple[Path, Path]:
 def run_recipe(tmp_path: Path, bundle: tuple[Path, Path], *options: str) -> subprocess.CompletedProcess:
     folder, params = bundle
     return script("run", "--output", str(tmp_path / "out"), "--bundle", str(folder), "--params", str(params),
-                  "--eval-sequences", "2", "--work", str(tmp_path / "work"), *options)  # fmt: skip
+                  "--recipe", str(tmp_path / "recipe.yaml"), "--eval-sequences", "2", "--work",
+                  str(tmp_path / "work"), *options)  # fmt: skip
 
 
 def test_prepare_then_run_writes_the_results(tmp_path: Path, bundle: tuple[Path, Path]) -> None:
-    assert json.loads((bundle[0] / "split.json").read_text()) == {"train_sequences": 8, "val_sequences": 4}
+    split = {"train_sequences": 8, "val_sequences": 4, "test_sequences": 2}
+    assert json.loads((bundle[0] / "split.json").read_text()) == split
     ran = run_recipe(tmp_path, bundle, "--epochs", "2", "--probe", "8")
     assert ran.returncode == 0, ran.stderr
     output = tmp_path / "out"
