@@ -99,6 +99,44 @@ def test_trajectories_move_at_constant_speed_and_bounce():
     assert np.all(np.sign(move[:, 1:][hit]) == -np.sign(move[:, :-1][hit]))
 
 
+def test_driven_ego_digit_turns_where_drawn_and_the_others_bounce_as_before():
+    """Driven: the ego digit (most ink) turns to a random heading in about turn_probability of its frames, at
+    the same speed; the other digits' paths are those of the bouncing data of the same seed."""
+    config = tiny_config(num_sequences=400, ego_motion="driven", turn_probability=0.3)
+    driven = generate_sequences(config, progress=False)
+    bouncing = generate_sequences(dataclasses.replace(config, ego_motion="bounce"), progress=False)
+    rows = np.arange(config.num_sequences)
+    ego = np.argmax(driven.ink, axis=1)
+    np.testing.assert_array_equal(driven.centers[rows, :, 1 - ego], bouncing.centers[rows, :, 1 - ego])
+    assert not np.array_equal(driven.centers[rows, :, ego], bouncing.centers[rows, :, ego])
+
+    free = config.canvas - DIGIT_SIZE
+    step = config.speed * free
+
+    def ego_moves(data):  # (N, T - 1, 2) whole pixels, and which start clear of the walls
+        centres = data.centers[rows, :, ego].astype(np.float64)  # (N, T, 2)
+        clear = (centres > DIGIT_SIZE / 2 + step + 1) & (centres < config.canvas - DIGIT_SIZE / 2 - step - 1)
+        return np.diff(centres, axis=1), clear[:, :-1].all(-1)
+
+    moves, clear = ego_moves(driven)
+    # Away from the walls a step is the speed, to the flooring of positions (under 1 px per axis).
+    assert np.abs(np.linalg.norm(moves, axis=-1)[clear] - step).max() < np.sqrt(2) + 1e-9
+
+    def turn_rate(moves):  # consecutive steps that disagree by far more than flooring explains
+        return (np.linalg.norm(np.diff(moves, axis=1), axis=-1) > 2 * np.sqrt(2)).mean()
+
+    # A uniform new heading differs from the old by more than 46 degrees (what the 2.8 px threshold sees at
+    # this speed) 74% of the time: 0.3 * 0.74 = 0.22 of the frames turn beyond the bounces.
+    assert 0.17 < turn_rate(moves) - turn_rate(ego_moves(bouncing)[0]) < 0.27
+
+
+def test_driven_with_no_turns_is_the_bouncing_data():
+    config = tiny_config(num_sequences=50, ego_motion="driven", turn_probability=0.0)
+    driven = generate_sequences(config, progress=False)
+    bouncing = generate_sequences(dataclasses.replace(config, ego_motion="bounce"), progress=False)
+    np.testing.assert_array_equal(driven.frames, bouncing.frames)
+
+
 def test_generated_centres_follow_the_trajectory():
     generated = generate_sequences(tiny_config(num_sequences=50), progress=False)
     corner = generated.centers - DIGIT_SIZE / 2  # (N, T, D, 2) integer top-left positions

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from conftest import from_params, tiny_architecture
 
 from mnist_world.config import ModelConfig
+from mnist_world.model.checkpoint import load_model, save_checkpoint
 from mnist_world.model.masking import causal_mask, identity_mask
 from mnist_world.model.network import (
     WRITTEN_OUT_SCORES,
@@ -27,8 +29,9 @@ PATCHES = [
     *(dataclasses.replace(TINY, patch_size=p) for p in (2, 4)),
     dataclasses.replace(TINY, patch_size=2, spatial_bias=True),
     dataclasses.replace(TINY, patch_size=2, attention="joint"),
+    dataclasses.replace(TINY, action_conditioning="input"),
 ]
-PATCH_IDS = ["p1", "p2", "p4", "p2-bias", "p2-joint"]
+PATCH_IDS = ["p1", "p2", "p4", "p2-bias", "p2-joint", "p1-input"]
 
 
 def inputs(arch: Architecture, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,13 +52,19 @@ def test_logits_cover_every_token_with_the_levels_only(arch: Architecture) -> No
     assert cache[0][0].shape == (2 * positions, arch.heads, arch.frames, arch.embed_dim // arch.heads)
 
 
+INPUT = {"action_conditioning": "input"}  # the recipe's
+
+
 @pytest.mark.parametrize(
     ("model_config", "expected"),
     [
-        (from_params(ModelConfig, patch_size=1), 667_664),  # the recipe's fast model
-        (from_params(ModelConfig, patch_size=1, layers=6, embed_dim=384), 14_615_056),  # the recipe's full
-        (from_params(ModelConfig, patch_size=2), 582_080),
-        (from_params(ModelConfig, patch_size=4), 608_384),
+        (from_params(ModelConfig, patch_size=1, **INPUT), 667_664),  # the recipe's fast model
+        (from_params(ModelConfig, patch_size=1, layers=6, embed_dim=384, **INPUT), 14_615_056),  # its full
+        (from_params(ModelConfig, patch_size=2, **INPUT), 582_080),
+        (from_params(ModelConfig, patch_size=4, **INPUT), 608_384),
+        # Actions through an MLP (2 -> 128 -> 128) and a 128 x 128 map per layer instead of one 2 -> 128 map:
+        # + (2 * 128 + 128) + (128 * 128 + 128) + 2 * (128 * 128 + 128) - (2 * 128 + 128) = + 49,536.
+        (from_params(ModelConfig, patch_size=2, layers=2, action_conditioning="blocks"), 631_616),
     ],
 )
 def test_parameter_counts_are_exact(model_config: ModelConfig, expected: int) -> None:
@@ -119,6 +128,38 @@ def test_causal_mask_hides_the_future(arch: Architecture) -> None:
     after = model(changed, actions, causal_mask(arch.frames))[0]
     torch.testing.assert_close(before[:, :12], after[:, :12])
     assert not torch.allclose(before[:, 12:], after[:, 12:])
+
+
+@pytest.mark.parametrize("conditioning", ["input", "blocks"])
+def test_an_action_steers_its_own_frame_and_later_ones(conditioning: str) -> None:
+    """Under the causal mask, frame 12's action changes the logits of frame 12 and after, never before; with
+    `blocks`, through every layer's own projection as well as the input's."""
+    arch = dataclasses.replace(TINY, layers=2, action_conditioning=conditioning)
+    model = build_model(arch).eval()
+    tokens, actions = inputs(arch)
+    turned = actions.clone()
+    turned[:, 12] = -turned[:, 12]
+    before = model(tokens, actions, causal_mask(arch.frames))[0]
+    after = model(tokens, turned, causal_mask(arch.frames))[0]
+    torch.testing.assert_close(before[:, :12], after[:, :12])
+    assert not torch.allclose(before[:, 12], after[:, 12])
+    if conditioning == "blocks":  # each layer's projection starts at zero and, once learned, adds its own say
+        with torch.no_grad():
+            model.action_to_block[1].weight.normal_()
+        assert not torch.allclose(before[:, 12], model(tokens, turned, causal_mask(arch.frames))[0][:, 12])
+
+
+def test_a_checkpoint_from_before_action_conditioning_loads_as_input(tmp_path: Path) -> None:
+    """Checkpoints written before `model.action_conditioning` existed embedded actions at the input."""
+    arch = dataclasses.replace(TINY, action_conditioning="input")
+    model = build_model(arch).eval()
+    stored = dataclasses.asdict(arch)
+    del stored["action_conditioning"]
+    save_checkpoint(tmp_path / "old.pt", {"model": model.state_dict(), "architecture": stored, "epoch": 1})
+    loaded, _ = load_model(tmp_path / "old.pt")
+    tokens, actions = inputs(arch)
+    assert loaded.arch.action_conditioning == "input"
+    assert torch.equal(loaded(tokens, actions)[0], model(tokens, actions)[0])
 
 
 def test_identity_mask_sees_one_frame() -> None:

@@ -60,6 +60,10 @@ class DataConfig:
     canvas: Integer
     digits: Integer
     speed: Number  # fraction of the free range (canvas - DIGIT_SIZE) moved per frame
+    # bounce: every digit keeps its heading and bounces off the walls (Srivastava et al.); driven: the ego
+    # digit (the most ink) also turns to a random heading with probability turn_probability each frame
+    ego_motion: typing.Literal["bounce", "driven"]
+    turn_probability: Number
     url: Text
     sha256: Text
     size_bytes: Integer
@@ -78,6 +82,7 @@ class DataConfig:
         )
         require(self.digits >= 1, "data.digits: must be at least 1")
         require(self.speed > 0, "data.speed: must be positive")
+        require(0 <= self.turn_probability <= 1, "data.turn_probability: must be in [0, 1]")
         require(self.train_sequences > 0, "data.train_sequences: must be positive")
         require(self.val_sequences >= 0, "data.val_sequences: must not be negative")
         # The splits are checked against the sequences a store holds where they are read (split_range)
@@ -134,6 +139,10 @@ class ModelConfig:
     # factorised: attention within each frame, then across frames at each position (the recipe);
     # joint: one attention over every position of every frame (causal in time), a single hop for motion
     attention: typing.Literal["factorised", "joint"]
+    # input: a linear map of the action added to its frame's positions before the first layer (the recipe);
+    # blocks: the action in token pixels through an MLP, added before the first layer and again, through a
+    # linear map of its own, before every layer, so that deep layers read the command as directly as the first
+    action_conditioning: typing.Literal["input", "blocks"]
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Any:

