@@ -359,8 +359,13 @@ def test_more_sequences_than_the_test_split_is_an_error(inputs, tmp_path):
 
 
 def test_a_test_split_beyond_the_store_is_an_error(inputs, tmp_path):
+    """As for a checkpoint trained before the test split existed, on sequences the test split would take."""
     small = from_params(EvalConfig, sequences=1, batch_size=1, samples=1, strips=0, generations=0)
-    with pytest.raises(ValueError, match="holds 14 sequences but the test split needs 15"):
+    message = (
+        r"best.pt: trained beside sequences 0-7 \(train 4, val 4\), so the 7 test sequences after them need "
+        r"15, but the store holds 14: retrain on the current split \(`dvc repro train`\)$"
+    )
+    with pytest.raises(CheckpointError, match=message):
         evaluate(
             inputs / "best.pt", inputs / "tokens.zarr", inputs / "frames.zarr", inputs / "actions.zarr",
             SAMPLE, small, tmp_path / "out", test_sequences=7, device="cpu", progress=False,

@@ -117,6 +117,13 @@ class Run:
                 f"eval.sequences={evaluation.sequences} exceeds the {test_sequences} test sequences "
                 f"(data.test_sequences)"
             )
+        if train + val + test_sequences > total:
+            # A checkpoint trained before the test split (or on a larger split) has seen what would be tested
+            raise CheckpointError(
+                f"{checkpoint}: trained beside sequences 0-{train + val - 1} (train {train}, val {val}), "
+                f"so the {test_sequences} test sequences after them need {train + val + test_sequences}, but "
+                f"the store holds {total}: retrain on the current split (`dvc repro train`)"
+            )
         test = split_range("test", train, val, total, test_sequences=test_sequences)
         validation = split_range("val", train, val, total)
         if not validation:
