@@ -9,9 +9,12 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
+import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import websockets.sync.client
 import yaml
 from conftest import from_params, params_section, tiny_architecture
 from typer.testing import CliRunner
@@ -34,6 +38,7 @@ from mnist_world.model.network import Architecture, build_model
 from mnist_world.model.sampling import Context, new_generator
 from mnist_world.playground.cli import app, gif_frames
 from mnist_world.playground.dreamer import Dreamer, SamplerSettings
+from mnist_world.playground.guard import Limits
 from mnist_world.playground.protocol import (
     StepRequest,
     decode_pixels,
@@ -43,7 +48,7 @@ from mnist_world.playground.protocol import (
     parse_step,
 )
 from mnist_world.playground.recording import Recording, animation_gif, replay
-from mnist_world.playground.server import Playground, PlaySettings, make_server, static_file
+from mnist_world.playground.server import Playground, PlaygroundServer, PlaySettings, make_server, static_file
 from mnist_world.playground.session import Session
 from mnist_world.playground.world import PlaygroundError, ValidationData, load_world
 
@@ -112,34 +117,53 @@ def settings_for(root: Path, data: DataConfig, **overrides) -> PlaySettings:
         val_sequences=data.val_sequences,
         decode="centre",  # stores made here carry no measured level means
         sampler=SAMPLER,
+        models=None,  # the checkpoint alone, whatever the working directory holds
     )
     return PlaySettings(**{**values, **overrides})
 
 
 @contextlib.contextmanager
-def serving(playground: Playground):
-    """The playground served on a free port of 127.0.0.1 for the block: yields its base URL."""
-    server = make_server(playground, "127.0.0.1", 0)
+def serving(playground: Playground | None = None, server: PlaygroundServer | None = None):
+    """The playground (or a server made of it) served on a free port of 127.0.0.1 for the block: yields its
+    base URL."""
+    server = server or make_server(playground, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield server.url.rstrip("/")
     finally:
         server.shutdown()
+        thread.join(timeout=10)
         server.server_close()
-        thread.join(timeout=5)
 
 
-def call(base: str, path: str, body: dict | None = None) -> tuple[int, dict | bytes]:
+def call(
+    base: str, path: str, body: dict | None = None, method: str | None = None, **headers: str
+) -> tuple[int, dict | bytes]:
     """(status, JSON payload or raw bytes) of a GET, or of a POST when `body` is given."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **headers}
+    request = urllib.request.Request(base + path, data=data, headers=headers, method=method)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             status, raw, kind = response.status, response.read(), response.headers["Content-Type"]
     except urllib.error.HTTPError as error:
         status, raw, kind = error.code, error.read(), error.headers["Content-Type"]
     return status, json.loads(raw) if kind == "application/json" else raw
+
+
+def live(base: str, **options):
+    """A WebSocket to the page's live endpoint, as the page opens it."""
+    return websockets.sync.client.connect(base.replace("http://", "ws://") + "/api/live", **options)
+
+
+def received(connection, kind: str) -> dict:
+    """The next message of type `kind` from a live connection (iterations and states before it skipped)."""
+    while True:
+        message = json.loads(connection.recv(timeout=60))
+        assert message["type"] in (kind, "iteration", "state"), message
+        if message["type"] == kind:
+            return message
 
 
 # --- Fixtures ----------------------------------------------------------------------------------------------
@@ -182,16 +206,18 @@ def test_a_step_request_is_parsed_and_checked():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"action": [0.1]}, "'action' must be [dx, dy]"),
-        ({"action": "right"}, "'action' must be [dx, dy]"),
-        ({"action": [0.1, "up"]}, "'action' must be a number"),
-        ({"action": [1.5, 0]}, "more than half the frame"),
-        ({"action": [float("nan"), 0]}, "must be finite"),
-        ({"temperature": -0.5}, "'temperature' must not be negative"),
-        ({"frame": 2.5}, "'frame' must be int"),
-        ({"frame": True}, "'frame' must be int"),
-        ({"session": None}, "request lacks 'session'"),
-        ({"truth": "yes"}, "'truth' must be true or false"),
+        ({"action": [0.1]}, "'action' list should have at least 2 items"),
+        ({"action": "right"}, "'action' should be a valid list"),
+        ({"action": [0.1, "up"]}, "'action.1' should be a valid number, got 'up'"),
+        ({"action": [1.5, 0]}, "'action.0' should be less than or equal to 1, got 1.5"),
+        ({"action": [float("nan"), 0]}, "'action.0' should be a finite number"),
+        ({"temperature": -0.5}, "'temperature' should be greater than or equal to 0"),
+        ({"frame": 2.5}, "'frame' should be a valid integer, got 2.5"),
+        ({"frame": True}, "'frame' should be a valid integer, got True"),
+        ({"frame": 2**64}, "'frame' should be less than or equal to 1000000"),
+        ({"session": None}, "'session' should be a valid string"),
+        ({"truth": "yes"}, "'truth' should be a valid boolean"),
+        ({"speed": 3}, "unknown field 'speed'"),
     ],
 )
 def test_a_bad_step_request_is_refused_with_one_line(change, message):
@@ -206,6 +232,9 @@ def test_a_restart_request_defaults_what_it_leaves_out():
     assert (request.session, request.sequence, request.seed, request.checkpoint) == ("s", 5, 2, "models/x.pt")
     with pytest.raises(PlaygroundError, match="expected a JSON object"):
         parse_restart([1, 2])
+    for seed in (2**64, 1e30, -1, "3"):
+        with pytest.raises(PlaygroundError, match="'seed' should be"):
+            parse_restart({"seed": seed})
 
 
 def test_frames_travel_as_uint8_grey_levels_row_by_row():
@@ -418,6 +447,7 @@ def test_config_names_the_defaults_without_loading_anything(base, root):
     assert status == 200
     assert config == {
         "checkpoint": str(root / "best.pt"),
+        "checkpoints": [str(root / "best.pt")],
         "sequence": 4,
         "sequences": [4, 9],
         "seed": 0,
@@ -432,31 +462,205 @@ def foreign_checkpoint(path: Path) -> Path:
     return path
 
 
-def test_bad_input_gets_a_clear_message_and_the_server_keeps_running(base, root, tmp_path, caplog):
+def test_bad_input_gets_a_clear_message_and_the_server_keeps_running(root, tmp_path, caplog):
     wrong_size = make_checkpoint(tmp_path / "wrong_size.pt", tiny_arch(size=2 * SIZE))
+    offered = (
+        str(tmp_path / "missing.pt"),
+        str(foreign_checkpoint(tmp_path / "foreign.pt")),
+        str(wrong_size),
+    )
     cases = [
         ({"sequence": 2}, "sequence 2 is not a validation sequence (valid: 4..9)"),
-        ({"checkpoint": str(tmp_path / "missing.pt")}, "missing.pt: checkpoint not found"),
-        (
-            {"checkpoint": str(foreign_checkpoint(tmp_path / "foreign.pt"))},
-            "not a checkpoint of this project",
-        ),
-        ({"checkpoint": str(wrong_size)}, "the model takes 8 levels of 32x32 tokens, but"),
+        ({"checkpoint": offered[0]}, "missing.pt: checkpoint not found"),
+        ({"checkpoint": offered[1]}, "not a checkpoint of this project"),
+        ({"checkpoint": offered[2]}, "the model takes 8 levels of 32x32 tokens, but"),
+        ({"checkpoint": str(root / "tokens.zarr")}, "is not offered: choose one of the server's"),
+        ({"checkpoint": "../../../etc/passwd"}, "is not offered"),
     ]
-    with caplog.at_level(logging.WARNING, logger="mnist_world.playground"):
+    playground = Playground(settings_for(root, DATA, checkpoints=offered))
+    with serving(playground) as base, caplog.at_level(logging.WARNING, logger="mnist_world.playground"):
+        assert call(base, "/api/config")[1]["checkpoints"] == [str(root / "best.pt"), *offered]
         for body, message in cases:
             status, payload = call(base, "/api/restart", body)
             assert status == 400 and message in payload["error"]
             assert message in caplog.text
         status, payload = call(base, "/api/step", {"session": "nobody", "frame": 3, "action": [0, 0]})
-        assert status == 400 and "lacks 'temperature'" in payload["error"]
+        assert status == 400 and "'temperature' is missing" in payload["error"]
         body = {"session": "nobody", "frame": 3, "action": [0, 0], "temperature": 1.0}
         status, payload = call(base, "/api/step", body)
         assert status == 404 and "unknown session" in payload["error"]
-    status, start = call(base, "/api/restart", {})  # still serving, and playing
-    assert status == 200 and start["sequence"] == 4
-    body = {"session": start["session"], "frame": PAST, "action": [0.0, 0.0], "temperature": 1.0}
-    assert call(base, "/api/step", body)[0] == 200
+        status, start = call(base, "/api/restart", {})  # still serving, and playing
+        assert status == 200 and start["sequence"] == 4
+        body = {"session": start["session"], "frame": PAST, "action": [0.0, 0.0], "temperature": 1.0}
+        assert call(base, "/api/step", body)[0] == 200
+
+
+def test_checkpoints_in_the_models_folder_are_offered(root, tmp_path):
+    (tmp_path / "models").mkdir()
+    other = make_checkpoint(tmp_path / "models" / "other.pt", tiny_arch())
+    with serving(Playground(settings_for(root, DATA, models=str(tmp_path / "models")))) as base:
+        assert call(base, "/api/config")[1]["checkpoints"] == [str(root / "best.pt"), str(other)]
+        status, start = call(base, "/api/restart", {"checkpoint": str(other)})
+        assert status == 200 and start["checkpoint"] == str(other)
+
+
+# --- Malformed and foreign requests, in sequence against one server ----------------------------------------
+
+
+def exchange(port: int, raw: bytes, pause: float = 0.0, rest: bytes = b"") -> list[tuple[int, bytes]]:
+    """Every answer to `raw` sent on one connection (then `rest` after `pause` seconds), read until the
+    server closes it: [(status, body)]."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(raw)
+        if pause:
+            time.sleep(pause)
+            with contextlib.suppress(OSError):  # the server may have answered and closed meanwhile
+                connection.sendall(rest)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := connection.recv(65536):
+                received += chunk
+    answers = []
+    for part in re.split(rb"(?=HTTP/1\.1 \d{3} )", received)[1:]:
+        head, _, body = part.partition(b"\r\n\r\n")
+        answers.append((int(head.split()[1]), body))
+    return answers
+
+
+def post(path: str, body: bytes, length: int | str | None = None, **headers: str) -> bytes:
+    """A raw POST with `body`, declaring `length` (default: the body's own) and JSON unless told otherwise."""
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1:{port}", "Content-Type: application/json"]
+    lines[2] = f"Content-Type: {headers.pop('content_type', 'application/json')}"
+    lines.append(f"Content-Length: {len(body) if length is None else length}")
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def get(path: str, **headers: str) -> bytes:
+    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1:{port}"]
+    lines += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def step_body(**change) -> bytes:
+    body = {"session": "nobody", "frame": 3, "action": [0.0, 0.0], "temperature": 1.0, **change}
+    return json.dumps(body).encode()
+
+
+BAD_REQUESTS = {
+    # name: (request, status, a piece of the one-line JSON error; None: the HTTP parser's own plain 400)
+    "non-numeric Content-Length": (post("/api/step", b"{}", "abc"), 400, None),
+    "negative Content-Length": (post("/api/step", b"{}", -1), 400, None),
+    "two Content-Lengths": (post("/api/step", b"{}", "2", Content_Length="3"), 400, None),
+    "huge Content-Length": (post("/api/step", b"{}", 10**12), 413, "too large"),
+    "a body over the limit": (post("/api/step", b"[" * 20_000 + b"]" * 20_000), 413, "too large"),
+    "not JSON": (post("/api/step", b"session=1&frame=2"), 400, "not JSON"),
+    "not UTF-8": (post("/api/step", b"\xff\xfe{}"), 400, "not JSON"),
+    "a JSON array": (post("/api/restart", b"[1, 2]"), 400, "expected a JSON object, got list"),
+    "JSON null": (post("/api/restart", b"null"), 400, "expected a JSON object, got NoneType"),
+    "deep nesting": (post("/api/restart", b'{"seed": ' + b"[" * 60 + b"]" * 60 + b"}"), 400, "nests 61"),
+    "NaN": (post("/api/step", step_body().replace(b"1.0", b"NaN")), 400, "NaN is not a JSON number"),
+    "Infinity": (post("/api/step", step_body().replace(b"1.0", b"-Infinity")), 400, "not a JSON number"),
+    "1e400": (post("/api/step", step_body().replace(b"1.0", b"1e400")), 400, "should be a finite number"),
+    "seed 2^64": (post("/api/restart", b'{"seed": 18446744073709551616}'), 400, "'seed' should be less"),
+    "seed 1e30": (post("/api/restart", b'{"seed": 1e30}'), 400, "'seed' should be a valid integer"),
+    "a 5000-digit number": (post("/api/restart", b'{"seed": ' + b"9" * 5000 + b"}"), 400, "not JSON"),
+    "sequence as text": (post("/api/restart", b'{"sequence": "5"}'), 400, "'sequence' should be a valid"),
+    "an unknown field": (post("/api/restart", b'{"sead": 1}'), 400, "unknown field 'sead'"),
+    "text/plain": (post("/api/restart", b"{}", content_type="text/plain"), 415, "must be application/json"),
+    "form": (post("/api/restart", b"a=1", content_type="application/x-www-form-urlencoded"), 415, "json"),
+    "an unknown session": (post("/api/step", step_body()), 404, "unknown session 'nobody'"),
+    "an unknown path": (post("/api/nowhere", b"{}"), 404, "Not Found"),
+    "a wrong method": (get("/api/step"), 405, "Method Not Allowed"),
+    "a recording without session": (get("/api/recording.json"), 400, "'session' field required"),
+    "a recording of nobody": (get("/api/recording.gif?session=nobody"), 404, "unknown session"),
+    "traversal ..": (get("/static/../world.py"), 404, "Not Found"),
+    "traversal %2e%2e%2f": (get("/static/%2e%2e%2fworld.py"), 404, "Not Found"),
+    "traversal %2F": (get("/static/..%2Fserver.py"), 404, "Not Found"),
+    "a hidden file": (get("/static/.gitignore"), 404, "no file"),
+    "a module beside the page": (get("/static/world.py"), 404, "no file"),
+    "a foreign Origin": (
+        get("/api/config", Origin="http://evil.example"),
+        403,
+        "Origin 'http://evil.example'",
+    ),
+    "Origin null": (post("/api/restart", b"{}", Origin="null"), 403, "Origin 'null'"),
+    "a cross-site text/plain POST": (
+        post("/api/restart", b"{}", content_type="text/plain", Origin="http://evil.example"),
+        403,
+        "is not this server's page",
+    ),
+    "a foreign Host": (get("/").replace(b"127.0.0.1:{port}", b"evil.example"), 403, "Host 'evil.example'"),
+    "the right port on another name": (
+        get("/api/config").replace(b"127.0.0.1:", b"evil.example:"),
+        403,
+        "Host 'evil.example:",
+    ),
+    "no Host (HTTP/1.0)": (b"GET /api/config HTTP/1.0\r\n\r\n", 403, "without a Host header"),
+    "a foreign-origin WebSocket handshake": (
+        get(
+            "/api/live",
+            Upgrade="websocket",
+            Connection="Upgrade",
+            Sec_WebSocket_Key="dGhlIHNhbXBsZSBub25jZQ==",
+            Sec_WebSocket_Version="13",
+            Origin="http://evil.example",
+        ),
+        403,
+        "is not this server's page",
+    ),
+}
+
+
+def test_every_malformed_or_foreign_request_gets_one_4xx_and_the_server_keeps_serving(root, caplog):
+    limits = Limits(read_s=0.5)
+    playground = Playground(settings_for(root, DATA), max_sessions=3)
+    server = make_server(playground, "127.0.0.1", 0, limits=limits)
+    port = server.port
+    with serving(server=server) as base, caplog.at_level(logging.WARNING, logger="mnist_world.playground"):
+        for name, (raw, status, message) in BAD_REQUESTS.items():
+            answers = exchange(port, raw.replace(b"{port}", str(port).encode()))
+            assert [answer[0] for answer in answers] == [status], name
+            body = answers[0][1]
+            if message is None:  # refused by the HTTP parser, before the application
+                assert body == b"Invalid HTTP request received.", name
+            else:
+                assert b"\n" not in body and message in json.loads(body)["error"], (name, body)
+
+        # A body shorter than declared: answered once its time is up, not waited for forever.
+        started = time.perf_counter()
+        answers = exchange(port, post("/api/step", b'{"session"', 100).replace(b"{port}", str(port).encode()))
+        assert [status for status, _ in answers] == [408] and time.perf_counter() - started < 5
+        # A body longer than declared: the declared part is the request; the rest is never read as another.
+        raw = post("/api/restart", b'{"seed": 1}', 5).replace(b"{port}", str(port).encode())
+        answers = exchange(port, raw + b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port)
+        assert [status for status, _ in answers] == [400], answers  # '{"see' is not JSON; then closed
+        # A body sent in two parts, the second too late.
+        raw = post("/api/restart", b"{}", 2).replace(b"{port}", str(port).encode())
+        answers = exchange(port, raw[:-2], pause=1.0, rest=raw[-2:])
+        assert [status for status, _ in answers] == [408]
+
+        # More sessions than the limit: refused while every slot is in use.
+        sessions = [call(base, "/api/restart", {})[1]["session"] for _ in range(3)]
+        status, payload = call(base, "/api/restart", {})
+        assert status == 429 and "3 sessions are in use" in payload["error"]
+        assert call(base, "/api/restart", {"session": sessions[0], "seed": 4})[0] == 200  # its own slot
+        assert call(base, f"/api/session/{sessions[1]}", method="DELETE")[0] == 200
+        assert call(base, "/api/restart", {})[0] == 200  # the freed slot
+        assert "Origin 'http://evil.example'" in caplog.text  # every refusal is logged
+
+        # Still serving the page, its files, the API and live frames.
+        assert call(base, "/")[0] == 200 and call(base, "/static/playground.js")[0] == 200
+        body = {"session": sessions[0], "frame": PAST, "action": [0.1, 0.0], "temperature": 1.0}
+        assert call(base, "/api/step", body)[0] == 200
+        assert call(base, "/api/step", {**body, "frame": PAST + 1}, Origin=base)[0] == 200  # its own page
+        for session in (sessions[0], sessions[2]):
+            call(base, f"/api/session/{session}", method="DELETE")
+        with live(base) as connection:
+            connection.send(json.dumps({"op": "restart", "sequence": 6}))
+            assert json.loads(connection.recv(timeout=30))["type"] == "start"
+            connection.send(json.dumps({"op": "step"}))
+            assert received(connection, "frame")["frame"] == PAST
 
 
 class GatedModel(torch.nn.Module):

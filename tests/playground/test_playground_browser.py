@@ -1,19 +1,29 @@
-"""The playground page in a real browser (headless Chromium over the DevTools pipe): it loads, frames arrive,
-restart works, bad input shows on the page, and the arrow keys steer. Skipped only where no Chromium exists;
-the README's test command and CI install Debian's `chromium` first.
+"""The playground page in a real browser: Playwright driving Debian's headless Chromium (its own browser
+download is never used). The page loads, frames stream in, restart, reset, pause and step work, bad input
+shows on the page, the arrow keys (real key presses) steer, the belief view and the step-by-step unmasking
+show what the model believed, and pages of another origin or a foreign Host are refused. Skipped only where
+no Chromium exists; the README's test command and CI install Debian's `chromium` first.
 
-Steering is checked with a model double that moves the frame by exactly the commanded action: the one place
-a double is right, since what is tested is the page and its protocol, not what a model has learned.
+Steering and the belief view are checked with a model double that moves the frame by exactly the commanded
+action, with certainty: the one place a double is right, since what is tested is the page and its protocol,
+not what a model has learned.
 """
 
 from __future__ import annotations
 
+import base64
+import os
+import shutil
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import from_params
+from playwright.sync_api import Page, sync_playwright
 from test_playground import (
     PAST,
+    SAMPLER,
     make_checkpoint,
     make_stores,
     serving,
@@ -23,16 +33,24 @@ from test_playground import (
 
 from mnist_world.config import DataConfig
 from mnist_world.model.network import Architecture
-from mnist_world.playground.chromium import Chromium, find_chromium
+from mnist_world.model.sampling import masked_count
 from mnist_world.playground.server import Playground
 from mnist_world.playground.session import overlay_centres
 from mnist_world.playground.world import ValidationData, World
+
+
+def find_chromium() -> str | None:
+    """Debian's chromium ($CHROMIUM when set), or None."""
+    names = (os.environ.get("CHROMIUM"), "chromium", "chromium-browser")
+    return next((path for name in names if name and (path := shutil.which(name))), None)
+
 
 CHROMIUM = find_chromium()
 pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="no Chromium found (apt-get install chromium)"),
     pytest.mark.usefixtures("one_thread"),
 ]
+FOREIGN = "evil.example"  # a name the browser resolves to 127.0.0.1: what DNS rebinding would do
 
 # One digit, so that moving the whole frame moves the ego digit and nothing else.
 SIZE, FRAMES, LEVELS = 32, 8, 8
@@ -43,8 +61,49 @@ ONE_DIGIT = from_params(
 
 @pytest.fixture(scope="module")
 def browser():
-    with Chromium(CHROMIUM, width=1200, height=900) as chromium:
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", f"--host-resolver-rules=MAP {FOREIGN} 127.0.0.1"],  # CI runs as root
+        )
         yield chromium
+        chromium.close()
+
+
+class Tab:
+    """A page of the browser and the errors it logged."""
+
+    def __init__(self, browser, url: str) -> None:
+        self.page: Page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        self.errors: list[str] = []
+        self.page.on("console", lambda message: message.type == "error" and self.errors.append(message.text))
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.goto(url)
+
+    def __getattr__(self, name: str):
+        return getattr(self.page, name)
+
+    def evaluate(self, expression: str):
+        return self.page.evaluate(expression)
+
+    def wait_for(self, expression: str, timeout: float = 60):
+        return self.page.wait_for_function(expression, timeout=timeout * 1000).json_value()
+
+    def frames_arrived(self, count: int) -> None:
+        self.wait_for(f"window.playground.frames.length >= {count}")
+
+
+@pytest.fixture
+def open_tab(browser):
+    tabs = []
+
+    def open_tab(url: str) -> Tab:
+        tabs.append(Tab(browser, url))
+        return tabs[-1]
+
+    yield open_tab
+    for tab in tabs:
+        tab.page.close()
 
 
 class ShiftModel(torch.nn.Module):
@@ -89,9 +148,14 @@ def stores(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def real(stores):
+def real_playground(stores):
+    return Playground(settings_for(stores, ONE_DIGIT))
+
+
+@pytest.fixture(scope="module")
+def real(real_playground):
     """The page served with a tiny random model from a checkpoint."""
-    with serving(Playground(settings_for(stores, ONE_DIGIT))) as url:
+    with serving(real_playground) as url:
         yield url
 
 
@@ -111,124 +175,230 @@ def shifting(stores):
         *(stores / f"{name}.zarr" for name in ("tokens", "frames", "actions")), 4, 8, "centre"
     )
     arch = tiny_arch(SIZE, LEVELS, FRAMES)
-    world = World(ShiftModel(arch), data, PAST, "shift-double", torch.device("cpu"))
+    world = World(ShiftModel(arch), data, PAST, str(stores / "best.pt"), torch.device("cpu"))
     settings = settings_for(stores, ONE_DIGIT, step_px=1.0, sequence=leftmost_sequence(stores))
     with serving(Playground(settings, load=lambda _: world)) as url:
         yield url
 
 
-def frames_arrived(page, count: int) -> None:
-    page.wait_for(f"window.playground.frames.length >= {count}", timeout=60)
+def grey(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=np.uint8).reshape(SIZE, SIZE)
 
 
-def test_the_page_loads_dreams_and_restarts_without_console_errors(browser, real):
-    page = browser.open(real + "/")
-    frames_arrived(page, PAST + 3)  # it plays by itself: frames arrive
-    assert page.evaluate("window.playground.frames.slice(0, 3).every(f => f.given)")
-    assert page.evaluate(f"window.playground.frames.slice({PAST}).every(f => !f.given)")
-    assert page.evaluate("document.getElementById('dream').width") == 384
+def strip_frame(tab: Tab, index_from_end: int = 1) -> np.ndarray:
+    """A frame as the page drew it in its film strip (no overlay there): the grey level at each token's
+    centre, read back from the canvas."""
+    cells = tab.evaluate(
+        f"""(() => {{
+        const canvas = document.getElementById("strip"), size = window.playground.size, cell = size * 3;
+        const count = Math.floor((canvas.width + 4) / (cell + 6 + 4));
+        const shown = Math.min(count, window.playground.frames.length);
+        const left = (shown - {index_from_end}) * (cell + 6 + 4) + 3;
+        const data = canvas.getContext("2d").getImageData(left, 19, cell, cell).data, out = [];
+        for (let i = 0; i < size; i++)
+          for (let j = 0; j < size; j++) out.push(data[4 * ((3 * i + 1) * cell + 3 * j + 1)]);
+        return out; }})()"""
+    )
+    return np.array(cells, dtype=np.uint8).reshape(SIZE, SIZE)
 
-    page.evaluate("document.getElementById('sequence').value = 9")
-    page.click("#restart")
-    page.wait_for("window.playground.sequence === 9")
-    frames_arrived(page, PAST + 1)  # restarted, and dreaming again
-    assert page.evaluate("window.playground.frames.every((f, t) => f.frame === t)")
-    assert page.evaluate("window.playground.error") == ""
-    assert page.errors() == []
+
+def test_the_page_loads_dreams_and_restarts_without_console_errors(open_tab, real):
+    tab = open_tab(real + "/")
+    tab.frames_arrived(PAST + 3)  # it plays by itself: frames stream in
+    assert tab.evaluate("window.playground.frames.slice(0, 3).every(f => f.given)")
+    assert tab.evaluate(f"window.playground.frames.slice({PAST}).every(f => !f.given)")
+    assert tab.evaluate("document.getElementById('dream').width") == 384
+
+    tab.fill("#sequence", "9")
+    tab.click("#restart")
+    tab.wait_for("window.playground.sequence === 9")
+    tab.frames_arrived(PAST + 1)  # restarted, and dreaming again
+    assert tab.evaluate("window.playground.frames.every((f, t) => f.frame === t)")
+    tab.click("#play")  # pause
+    tab.wait_for("!window.playground.playing")
+    frames = tab.evaluate("window.playground.frames")
+    np.testing.assert_array_equal(strip_frame(tab), grey(frames[-1]["pixels"]))  # what the page drew
+    assert tab.evaluate("window.playground.error") == ""
+    assert tab.errors == []
 
 
-def test_bad_input_shows_on_the_page_and_the_server_keeps_serving(browser, real):
-    page = browser.open(real + "/?paused")
-    page.wait_for("window.playground.session")
-    page.evaluate("document.getElementById('sequence').value = 2")
-    page.click("#restart")
-    message = page.wait_for(
+def test_pause_step_and_reset_replay_the_same_run(open_tab, real):
+    tab = open_tab(real + "/?paused")
+    tab.wait_for("window.playground.session")
+    tab.click("#step")
+    tab.frames_arrived(PAST + 1)
+    tab.click("#step")
+    tab.frames_arrived(PAST + 2)
+    first = tab.evaluate("window.playground.frames.map(f => f.pixels)")
+    tab.page.wait_for_timeout(300)
+    assert tab.evaluate("window.playground.frames.length") == PAST + 2  # paused: nothing more came
+    tab.fill("#seed", "7")  # the form changes; Reset replays the run as it was started
+    tab.click("#reset")
+    tab.wait_for(f"window.playground.frames.length === {PAST}")
+    tab.click("#step")
+    tab.frames_arrived(PAST + 1)
+    tab.click("#step")
+    tab.frames_arrived(PAST + 2)
+    assert tab.evaluate("window.playground.frames.map(f => f.pixels)") == first  # same seed, same frames
+    assert tab.evaluate("window.playground.seed") == 0
+    assert tab.errors == []
+
+
+def test_bad_input_shows_on_the_page_and_the_server_keeps_serving(open_tab, real, stores):
+    tab = open_tab(real + "/?paused")
+    tab.wait_for("window.playground.session")
+    tab.fill("#sequence", "2")
+    tab.click("#restart")
+    message = tab.wait_for(
         "!document.getElementById('error').hidden && document.getElementById('error').textContent"
     )
     assert message == "sequence 2 is not a validation sequence (valid: 4..11)"
-    page.evaluate("document.getElementById('checkpoint').value = 'nowhere.pt'")
-    page.evaluate("document.getElementById('sequence').value = 5")
-    page.click("#restart")
-    page.wait_for(
-        "document.getElementById('error').textContent.startsWith('nowhere.pt: checkpoint not found')"
+    # The page chooses among the server's checkpoints; no other path is ever opened for it.
+    options = tab.evaluate("[...document.getElementById('checkpoint').options].map(o => o.value)")
+    assert options == [str(stores / "best.pt")]
+    refused = tab.evaluate(
+        """fetch("/api/restart", {method: "POST", headers: {"Content-Type": "application/json"},
+        body: JSON.stringify({checkpoint: "/etc/passwd"})})
+        .then(r => r.json().then(j => [r.status, j.error]))"""
     )
-    page.evaluate("document.getElementById('checkpoint').value = ''")  # back to the server's checkpoint
-    page.click("#restart")
-    page.wait_for("document.getElementById('error').hidden")
-    assert page.evaluate("window.playground.frames.length") == PAST
+    assert refused[0] == 400 and "is not offered" in refused[1]
+    tab.fill("#sequence", "5")
+    tab.click("#restart")
+    tab.wait_for("document.getElementById('error').hidden && window.playground.sequence === 5")
+    assert tab.evaluate("window.playground.frames.length") == PAST
 
 
-def test_holding_the_right_arrow_for_five_frames_moves_the_digit_five_steps_right(browser, shifting):
-    page = browser.open(shifting + "/?paused")  # frames only when Step is pressed
-    page.wait_for("window.playground.session")
-    start = page.evaluate(f"window.playground.frames[{PAST - 1}].centre")
-    assert start is not None and page.evaluate("window.playground.step") == pytest.approx(2 / SIZE)
+def test_holding_the_right_arrow_for_five_frames_moves_the_digit_five_steps_right(open_tab, shifting):
+    tab = open_tab(shifting + "/?paused")  # frames only when Step is pressed
+    tab.wait_for("window.playground.session")
+    start = tab.evaluate(f"window.playground.frames[{PAST - 1}].centre")
+    assert start is not None and tab.evaluate("window.playground.step") == pytest.approx(2 / SIZE)
 
-    page.key("ArrowRight", down=True)
+    tab.keyboard.down("ArrowRight")  # a real key press, held
     for count in range(PAST + 1, PAST + 6):
-        page.click("#step")
-        frames_arrived(page, count)
-    page.key("ArrowRight", down=False)
-    page.click("#step")  # no key held: still
-    frames_arrived(page, PAST + 6)
+        tab.click("#step")
+        tab.frames_arrived(count)
+    tab.keyboard.up("ArrowRight")
+    tab.click("#step")  # no key held: still
+    tab.frames_arrived(PAST + 6)
 
-    frames = page.evaluate("window.playground.frames")
+    frames = tab.evaluate("window.playground.frames")
     assert [frame["action"] for frame in frames[PAST:]] == [[2 / SIZE, 0.0]] * 5 + [[0.0, 0.0]]
     moved = [frame["centre"][0] - start[0] for frame in frames[PAST:]]
     assert moved == pytest.approx([1, 2, 3, 4, 5, 5])  # one pixel per commanded step, then still
     assert all(frame["centre"][1] == pytest.approx(start[1]) for frame in frames[PAST:])
-    assert page.errors() == []
+    # The frame the page drew is the last given frame moved five pixels right.
+    drawn = strip_frame(tab)
+    np.testing.assert_array_equal(drawn[:, 5:], grey(frames[PAST - 1]["pixels"])[:, :-5])
+    assert tab.errors == []
 
 
-def test_the_on_screen_buttons_steer_as_the_keys_do(browser, shifting):
-    page = browser.open(shifting + "/?paused")
-    page.wait_for("window.playground.session")
-    box = page.evaluate(
-        "(() => { const r = document.querySelector('#pad .down').getBoundingClientRect();"
-        " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
-    )
-    page.send(
-        "Input.dispatchMouseEvent", {"type": "mousePressed", "x": box[0], "y": box[1], "button": "left"}
-    )
-    assert page.evaluate("window.playground.held.has('ArrowDown')")
-    page.evaluate("window.playground.held.size === 1 && document.getElementById('step').click()")
-    frames_arrived(page, PAST + 1)
-    page.send(
-        "Input.dispatchMouseEvent", {"type": "mouseReleased", "x": box[0], "y": box[1], "button": "left"}
-    )
-    assert not page.evaluate("window.playground.held.size")
-    assert page.evaluate(f"window.playground.frames[{PAST}].action") == [0.0, 2 / SIZE]
+def test_the_on_screen_buttons_steer_as_the_keys_do(open_tab, shifting):
+    tab = open_tab(shifting + "/?paused")
+    tab.wait_for("window.playground.session")
+    tab.hover("#pad .down")
+    tab.mouse.down()
+    assert tab.evaluate("window.playground.held.has('ArrowDown')")
+    tab.evaluate("window.playground.held.size === 1 && document.getElementById('step').click()")
+    tab.frames_arrived(PAST + 1)
+    tab.mouse.up()
+    assert not tab.evaluate("window.playground.held.size")
+    assert tab.evaluate(f"window.playground.frames[{PAST}].action") == [0.0, 2 / SIZE]
 
 
-def test_showing_the_true_future_plays_the_datasets_actions_beside_the_dream(browser, shifting, stores):
-    page = browser.open(shifting + "/?paused")
-    page.wait_for("window.playground.session")
-    assert page.evaluate("document.getElementById('truth-panel').hidden")
-    page.click("#show-truth")
-    assert not page.evaluate("document.getElementById('truth-panel').hidden")
-    page.key("ArrowLeft", down=True)  # ignored: the dataset's own action is played
-    page.click("#step")
-    frames_arrived(page, PAST + 1)
-    page.key("ArrowLeft", down=False)
-    latest = page.evaluate(f"window.playground.frames[{PAST}]")
+def test_showing_the_true_future_plays_the_datasets_actions_beside_the_dream(open_tab, shifting, stores):
+    tab = open_tab(shifting + "/?paused")
+    tab.wait_for("window.playground.session")
+    assert tab.evaluate("document.getElementById('truth-panel').hidden")
+    tab.check("#show-truth")
+    assert not tab.evaluate("document.getElementById('truth-panel').hidden")
+    tab.keyboard.down("ArrowLeft")  # ignored: the dataset's own action is played
+    tab.click("#step")
+    tab.frames_arrived(PAST + 1)
+    tab.keyboard.up("ArrowLeft")
+    latest = tab.evaluate(f"window.playground.frames[{PAST}]")
     data = ValidationData(
         *(stores / f"{name}.zarr" for name in ("tokens", "frames", "actions")), 4, 8, "centre"
     )
     true_action = data.sequence(leftmost_sequence(stores)).actions[PAST]
     assert latest["truth"] is not None and latest["action"] == pytest.approx(true_action.tolist())
-    assert page.errors() == []
+    assert tab.errors == []
 
 
-def test_downloads_are_offered_for_the_run(browser, shifting):
-    page = browser.open(shifting + "/?paused")
-    session = page.wait_for("window.playground.session")
-    gif = page.evaluate("document.getElementById('download-gif').getAttribute('href')")
-    actions = page.evaluate("document.getElementById('download-actions').getAttribute('href')")
+def test_the_belief_view_and_the_unmasking_show_what_the_model_believed(open_tab, shifting):
+    tab = open_tab(shifting + "/?paused")
+    tab.wait_for("window.playground.session")
+    hidden = "id => document.getElementById(id).hidden"
+    assert tab.evaluate(f"['belief-panel', 'unmasking-panel'].map({hidden})") == [True, True]
+    for box in ("#show-expected", "#show-confidence", "#show-unmasking"):
+        tab.check(box)
+    tab.keyboard.down("ArrowRight")
+    tab.click("#step")
+    tab.frames_arrived(PAST + 1)
+    tab.keyboard.up("ArrowRight")
+    tab.wait_for(f"window.playground.iterations.length === {SAMPLER.steps}")
+    assert tab.evaluate(f"['belief-panel', 'unmasking-panel'].map({hidden})") == [False, False]
+
+    frame = tab.evaluate(f"window.playground.frames[{PAST}]")
+    # The double is certain of every token: its expected image is the frame, its confidence 1 everywhere.
+    assert frame["belief"]["expected"] == frame["pixels"]
+    assert (grey(frame["belief"]["confidence"]) == 255).all()
+    iterations = tab.evaluate("window.playground.iterations")
+    still_hidden = [int((grey(step["hidden"]) > 127).sum()) for step in iterations]
+    expected = [masked_count(k, SAMPLER.steps, SIZE * SIZE) for k in range(1, SAMPLER.steps + 1)]
+    assert still_hidden == expected and still_hidden[-1] == 0  # the cosine schedule, iteration by iteration
+    assert iterations[-1]["pixels"] == frame["pixels"]
+    # The slider picks an iteration; the view draws it (the hidden tokens in blue).
+    tab.fill("#iteration", "1")
+    assert tab.evaluate("document.getElementById('iteration-value').textContent") == f"1 of {SAMPLER.steps}"
+    blue = tab.evaluate(
+        """(() => { const d = document.getElementById("iteration-kept").getContext("2d")
+        .getImageData(0, 0, 186, 186).data; let n = 0;
+        for (let i = 0; i < d.length; i += 4) n += d[i] === 40 && d[i + 1] === 70 && d[i + 2] === 190;
+        return n / (d.length / 4); })()"""
+    )
+    assert blue == pytest.approx(expected[0] / SIZE**2, abs=0.05)
+    assert tab.errors == []
+
+
+def test_pages_of_another_origin_and_a_foreign_host_are_refused(open_tab, real, real_playground, shifting):
+    before = real_playground.sessions
+    foreign = open_tab(shifting + "/?paused")  # a page of another origin (another port)
+    foreign.wait_for("window.playground.session")
+    outcome = foreign.evaluate(
+        f"""(async () => {{
+        const posted = await fetch("{real}/api/restart", {{method: "POST", mode: "no-cors",
+            headers: {{"Content-Type": "text/plain"}}, body: "{{}}"}}).then(() => "sent", () => "failed");
+        const read = await fetch("{real}/api/config").then(() => "read", () => "blocked");
+        const socket = await new Promise(resolve => {{
+            const ws = new WebSocket("{real.replace("http", "ws")}/api/live");
+            ws.onopen = () => resolve("opened");
+            ws.onclose = () => resolve("refused");
+        }});
+        return [posted, read, socket]; }})()"""
+    )
+    assert outcome == ["sent", "blocked", "refused"]
+    assert real_playground.sessions == before  # the cross-site POST and the socket created no session
+
+    port = real.rsplit(":", 1)[1]
+    rebound = foreign.page.goto(f"http://{FOREIGN}:{port}/")  # the server's address under a foreign name
+    assert rebound.status == 403 and f"Host '{FOREIGN}:{port}'" in rebound.json()["error"]
+
+    own = open_tab(real + "/?paused")  # the server's own page works
+    own.wait_for("window.playground.session")
+    assert real_playground.sessions == before + 1 and own.errors == []
+
+
+def test_downloads_are_offered_for_the_run(open_tab, shifting):
+    tab = open_tab(shifting + "/?paused")
+    session = tab.wait_for("window.playground.session")
+    gif = tab.evaluate("document.getElementById('download-gif').getAttribute('href')")
+    actions = tab.evaluate("document.getElementById('download-actions').getAttribute('href')")
     assert (gif, actions) == (
         f"/api/recording.gif?session={session}",
         f"/api/recording.json?session={session}",
     )
-    fetched = page.evaluate(f"fetch({actions!r}).then(r => r.json()).then(j => [j.format, j.frames.length])")
+    fetched = tab.evaluate(f"fetch({actions!r}).then(r => r.json()).then(j => [j.format, j.frames.length])")
     assert fetched == ["mnist_world.playground.recording/1", 0]
 
 

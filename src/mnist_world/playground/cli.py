@@ -1,12 +1,12 @@
 """`mnist-world`: the playground's commands. `play` serves the page; `replay` turns a recording back into
-its frames. Defaults come from params.yaml (split, decoding and sampling), the tracker's settings from the
-action store, as in the stages.
+its frames; `screenshot` pictures a running page. Defaults come from params.yaml (split, decoding and
+sampling), the tracker's settings from the action store, as in the stages.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -18,9 +18,10 @@ from PIL import Image, ImageSequence
 from mnist_world import config
 from mnist_world.core.devices import resolve_device
 from mnist_world.playground.dreamer import SamplerSettings
+from mnist_world.playground.protocol import read_json
 from mnist_world.playground.recording import Recording, animation_gif, replay
-from mnist_world.playground.server import Playground, PlaySettings, make_server
-from mnist_world.playground.world import ValidationData, load_world
+from mnist_world.playground.server import Playground, PlaySettings, is_loopback, make_server
+from mnist_world.playground.world import PlaygroundError, ValidationData, load_world
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 
@@ -34,6 +35,7 @@ Device = Annotated[str, typer.Option(help="cpu, cuda, mps or auto (cuda, then mp
 # 0.13 s on one thread, 0.9 s on two; benchmarks/playground_latency.py), and tabs then dream side by side.
 # Replay uses the same count, since another thread count may round differently and sample other tokens.
 Threads = Annotated[int, typer.Option(min=1, help="torch CPU threads (play and replay must agree).")]
+MAX_RECORDING_BYTES = 64 * 1024 * 1024  # a recording's frames at their bound take about 8 MB
 Sections = tuple[config.DataConfig, config.TokensConfig, config.SampleConfig]
 
 
@@ -51,7 +53,13 @@ def _params(path: Path) -> Sections:
 
 @app.command()
 def play(
-    checkpoint: Checkpoint = Path("models/best.pt"),
+    checkpoint: Annotated[
+        list[Path] | None,
+        typer.Option(help="A checkpoint the page may play; repeat for more, the first is the default."),
+    ] = None,
+    models: Annotated[
+        Path, typer.Option(help="Every *.pt in this folder is offered too (a page chooses, never a path).")
+    ] = Path("models"),
     tokens: Tokens = Path("data/tokens.zarr"),
     frames: Frames = Path("data/frames.zarr"),
     actions: Actions = Path("data/actions.zarr"),
@@ -75,8 +83,14 @@ def play(
     ] = None,
     device: Device = "cpu",
     threads: Threads = 1,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on (not loopback: reachable by others).")] = (
+        "127.0.0.1"
+    ),
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: a free one).")] = 0,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(help="A name the page is reached by besides the address (Host header); repeatable."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every request and frame.")] = False,
 ) -> None:
     """Serve the playground page: steer the ego digit with the arrow keys while the model dreams."""
@@ -93,8 +107,11 @@ def play(
         resolved = str(resolve_device(device))
     except ValueError as error:
         _fail(str(error))
+    checkpoints = [str(path) for path in checkpoint or [Path("models/best.pt")]]
     settings = PlaySettings(
-        checkpoint=str(checkpoint),
+        checkpoint=checkpoints[0],
+        checkpoints=tuple(checkpoints[1:]),
+        models=str(models),
         tokens=str(tokens),
         frames=str(frames),
         actions=str(actions),
@@ -108,12 +125,21 @@ def play(
         step_px=step_px,
         device=resolved,
     )
-    _serve(Playground(settings), host, port)
+    if not is_loopback(host):
+        typer.echo(
+            f"warning: listening on {host}, not loopback: anyone who can reach this machine can play, and "
+            "load any checkpoint it offers",
+            err=True,
+        )
+    _serve(Playground(settings), host, port, tuple(allow_host or ()))
 
 
-def _serve(playground: Playground, host: str, port: int) -> None:
+def _serve(playground: Playground, host: str, port: int, allowed_hosts: tuple[str, ...]) -> None:
     """Serve until Ctrl-C."""
-    server = make_server(playground, host, port)
+    try:
+        server = make_server(playground, host, port, allowed_hosts=allowed_hosts)
+    except OSError as error:
+        _fail(f"cannot listen on {host}:{port}: {error.strerror or error}")
     typer.echo(f"mnist-world playground on {server.url} (Ctrl-C stops it)")
     try:
         server.serve_forever()
@@ -148,13 +174,25 @@ def replay_command(
     torch.set_num_threads(threads)
     data, token_config, _ = _params(params)
     try:
-        played = Recording.from_json(json.loads(recording.read_text()))
+        if recording.stat().st_size > MAX_RECORDING_BYTES:
+            _fail(f"{recording}: {recording.stat().st_size} bytes is larger than any recording")
+        played = Recording.from_json(read_json(recording.read_bytes()))
+    except OSError as error:
+        _fail(f"{recording}: {error.strerror or error}")
+    except PlaygroundError as error:
+        _fail(f"{recording}: {error}")
+    chosen = checkpoint or Path(played.checkpoint)
+    typer.echo(f"checkpoint: {chosen} ({'--checkpoint' if checkpoint else 'named by the recording'})")
+    if not chosen.is_file():
+        hint = "" if checkpoint else " (pass --checkpoint where it is)"
+        _fail(f"{recording}: the checkpoint {chosen} does not exist{hint}")
+    try:
         stores = ValidationData(
             tokens, frames, actions, data.train_sequences, data.val_sequences, token_config.decode
         )
-        world = load_world(checkpoint or played.checkpoint, stores, resolve_device(device))
+        world = load_world(chosen, stores, resolve_device(device))
         session = replay(played, world)
-    except (OSError, ValueError) as error:  # PlaygroundError and JSON errors are ValueErrors
+    except (OSError, ValueError) as error:  # PlaygroundError is a ValueError
         _fail(str(error))
     output.write_bytes(animation_gif(session))
     typer.echo(f"{output}: {len(session.played)} frames dreamed after {world.past_frames} given")
@@ -163,6 +201,52 @@ def replay_command(
         typer.echo(f"{'same frames as' if same else 'frames differ from'} {compare}")
         if not same:
             raise typer.Exit(1)
+
+
+KEYS = ("ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown")
+
+
+@app.command()
+def screenshot(
+    url: Annotated[str, typer.Argument(help="The page, as `mnist-world play` printed it.")],
+    output: Annotated[Path, typer.Argument(help="Where the PNG goes.")],
+    frames: Annotated[int, typer.Option(min=1, help="Dreamed frames before the picture.")] = 4,
+    hold: Annotated[str | None, typer.Option(help="A key held while dreaming (ArrowRight...).")] = None,
+    truth: Annotated[bool, typer.Option(help="Show the true future beside the dream.")] = True,
+    iteration: Annotated[int, typer.Option(min=1, help="The unmasking iteration shown in large.")] = 4,
+    chromium: Annotated[str, typer.Option(help="The browser to drive.")] = "chromium",
+    width: int = 1500,
+) -> None:
+    """A picture of a running playground (docs/playground.png): Chromium steps the page paused, frame by
+    frame, with every view on. Needs the dev extra (Playwright), and drives Debian's chromium."""
+    from playwright.sync_api import sync_playwright  # the dev extra: only this command needs it
+
+    executable = shutil.which(chromium)
+    if executable is None:
+        raise typer.BadParameter(f"no {chromium} on the PATH (apt-get install chromium)")
+    if hold is not None and hold not in KEYS:
+        raise typer.BadParameter(f"--hold {hold}: one of {', '.join(KEYS)}")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": width, "height": 900})
+        page.goto(url.rstrip("/") + "/?paused")
+        page.wait_for_function("window.playground.session", timeout=60_000)
+        boxes = ["#show-expected", "#show-confidence", "#show-unmasking", *(["#show-truth"] if truth else [])]
+        for box in boxes:
+            page.check(box)
+        given = page.evaluate("window.playground.frames.length")
+        if hold:
+            page.keyboard.down(hold)
+        for count in range(given + 1, given + frames + 1):
+            page.click("#step")
+            page.wait_for_function(f"window.playground.frames.length >= {count}", timeout=60_000)
+        if hold:
+            page.keyboard.up(hold)
+        page.fill("#iteration", str(iteration))
+        page.screenshot(path=str(output), full_page=True)
+        error = page.evaluate("window.playground.error")
+        browser.close()
+    typer.echo(f"{output}: {frames} frames dreamed{'; the page says: ' + error if error else ''}")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,18 @@ afresh at positions 0..keep-1 (a frame's keys carry its position, so cached keys
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from mnist_world.model.sampling import Context, guide, unmask
 from mnist_world.playground.world import Model
+
+# Called after each unmasking iteration with (iteration 1..K, the logits (H, W, V) the iteration sampled from,
+# the frame's token ids (H, W) after it, the mask id where still hidden): what the model believed, and what it
+# kept.
+IterationCallback = Callable[[int, Tensor, Tensor], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +64,15 @@ class Dreamer:
         return self.context.frames
 
     @torch.no_grad()
-    def next_frame(self, action: Tensor, settings: SamplerSettings, generator: torch.Generator) -> Tensor:
-        """Token ids (H, W) of the frame after the context, with the ego digit moved by `action` (2,)."""
+    def next_frame(
+        self,
+        action: Tensor,
+        settings: SamplerSettings,
+        generator: torch.Generator,
+        on_iteration: IterationCallback | None = None,
+    ) -> Tensor:
+        """Token ids (H, W) of the frame after the context, with the ego digit moved by `action` (2,).
+        Watching the iterations draws no random numbers: the frame is the same with or without it."""
         if self.context.frames == self.window:
             kept = self.context.tokens[:, -self.keep :], self.context.actions[:, -self.keep :]
             self.context = Context.encode(self.model, *kept)
@@ -67,18 +80,24 @@ class Dreamer:
         actions = torch.cat([self.context.actions[:, :frames], action.float().view(1, 1, 2)], dim=1)
         context = dataclasses.replace(self.context, actions=actions)  # (1, C + 1, 2): the new frame's too
 
+        latest: list[Tensor] = []  # the logits of the iteration in progress, for `on_iteration`
+
         def logits_of(tokens: Tensor) -> Tensor:
-            conditional = context.logits(self.model, tokens)
-            if settings.guidance == 0:
-                return conditional
-            return guide(conditional, context.unconditional_logits(self.model, tokens), settings.guidance)
+            logits = context.logits(self.model, tokens)
+            if settings.guidance != 0:
+                logits = guide(logits, context.unconditional_logits(self.model, tokens), settings.guidance)
+            latest[:] = [logits]
+            return logits
+
+        def on_step(step: int, tokens: Tensor) -> None:
+            on_iteration(step, latest[0][0, 0], tokens[0, 0])  # type: ignore[misc]
 
         height, width = context.tokens.shape[2:]
         mask_id = self.model.arch.mask_id
         blank = torch.full((1, 1, height, width), mask_id, dtype=torch.long, device=actions.device)
         frame = unmask(
             logits_of, blank, mask_id, settings.steps, settings.temperature, generator,
-            choice_temperature=settings.choice_temperature,
+            None if on_iteration is None else on_step, choice_temperature=settings.choice_temperature,
         )  # fmt: skip
         self.context = context.append(self.model, frame)
         return frame[0, 0]

@@ -1,21 +1,35 @@
 """The page's conversation with the server, as JSON: what a request may hold and what a frame looks like.
 
-A request is checked here, where it enters, so the session logic can trust it. Frames travel as base64 of
-uint8 grey levels, row by row: 1 KiB for a 32x32 frame, drawn by the page without any smoothing.
+A request is checked here, where it enters (pydantic models with bounds on every number), so the session logic
+can trust it. Frames travel as base64 of uint8 grey levels, row by row: 1 KiB for a 32x32 frame, drawn by the
+page without any smoothing.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
-import math
-from typing import Any
+import json
+import re
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from mnist_world.playground.world import PlaygroundError
 
 MAX_ACTION = 1.0  # an action is a displacement over half the frame: beyond 1 the digit leaves the frame
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; JSON numbers beyond are refused, not wrapped
+MAX_SEQUENCE = 2**31 - 1
+MAX_FRAME = 1_000_000  # frames of one run: hours of play at the page's fastest speed
+MAX_TEMPERATURE = 100.0
+MAX_NAME = 512  # characters of a session id or a checkpoint's name
+MAX_DEPTH = 8  # nesting of a request's JSON: the deepest request nests 2
+
+Int = Annotated[int, Strict()]  # strict: true, 2.5 and "3" are refused, not coerced
+Number = Annotated[float, Field(allow_inf_nan=False), Strict()]  # an int is a number too; NaN and inf are not
+Name = Annotated[str, Strict(), Field(max_length=MAX_NAME)]
+Coordinate = Annotated[Number, Field(ge=-MAX_ACTION, le=MAX_ACTION)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +39,7 @@ class RestartRequest:
     session: str | None
     sequence: int | None  # None: the server's default
     seed: int | None
-    checkpoint: str | None
+    checkpoint: str | None  # one of the checkpoints the server offers; None: its default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,60 +51,150 @@ class StepRequest:
     action: tuple[float, float]  # (dx, dy): the ego digit's move over (W / 2, H / 2); y grows downward
     temperature: float
     truth: bool  # play the dataset's own action instead, and show its true frame beside the dream
+    belief: bool = False  # send the model's belief about the frame: its expected image and confidence
+    unmasking: bool = False  # send every unmasking iteration of the frame
 
 
-def _field(body: dict[str, Any], name: str, kind: type, optional: bool = False) -> Any:
-    value = body.get(name)
-    if value is None:
-        if optional:
-            return None
-        raise PlaygroundError(f"request lacks '{name}'")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise PlaygroundError(
-            f"'{name}' must be {'a number' if kind is float else kind.__name__}, got {value!r}"
+class Message(BaseModel):
+    """A request's JSON object: unknown keys are refused (a misspelt key must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RestartBody(Message):
+    session: Name | None = None
+    sequence: Annotated[Int, Field(ge=0, le=MAX_SEQUENCE)] | None = None
+    seed: Annotated[Int, Field(ge=0, le=MAX_SEED)] | None = None
+    checkpoint: Name | None = None
+
+    def request(self) -> RestartRequest:
+        checkpoint = (self.checkpoint or "").strip() or None  # an emptied field means the server's default
+        return RestartRequest(self.session, self.sequence, self.seed, checkpoint)
+
+
+class StepBody(Message):
+    session: Name
+    frame: Annotated[Int, Field(ge=0, le=MAX_FRAME)]
+    action: Annotated[list[Coordinate], Field(min_length=2, max_length=2)]
+    temperature: Annotated[Number, Field(ge=0, le=MAX_TEMPERATURE)]
+    truth: Annotated[bool, Strict()] = False
+    belief: Annotated[bool, Strict()] = False
+    unmasking: Annotated[bool, Strict()] = False
+
+    def request(self) -> StepRequest:
+        dx, dy = self.action
+        return StepRequest(
+            self.session, self.frame, (dx, dy), self.temperature, self.truth, self.belief, self.unmasking
         )
-    if kind is float and not math.isfinite(value):
-        raise PlaygroundError(f"'{name}' must be finite, got {value!r}")
-    return value
 
 
-def _mapping(body: Any) -> dict[str, Any]:
+STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _no_constant(name: str) -> Any:
+    raise PlaygroundError(f"{name} is not a JSON number")
+
+
+def read_json(raw: bytes, max_depth: int = MAX_DEPTH) -> Any:
+    """A request's or a file's bytes as JSON, refusing what Python's reader would take but a number check
+    should never see (NaN, Infinity) and nesting deeper than `max_depth`, with one line each."""
+    brackets = np.frombuffer(STRINGS.sub(b'""', raw), dtype=np.uint8)
+    opening = np.isin(brackets, np.frombuffer(b"[{", dtype=np.uint8)).astype(np.int64)
+    closing = np.isin(brackets, np.frombuffer(b"]}", dtype=np.uint8)).astype(np.int64)
+    depth = int(np.cumsum(opening - closing).max(initial=0))
+    if depth > max_depth:
+        raise PlaygroundError(f"the JSON nests {depth} levels deep (at most {max_depth})")
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except PlaygroundError:
+        raise
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise PlaygroundError(f"not JSON: {str(error).splitlines()[0]}") from None
+
+
+# --- The live connection's commands (page -> server) ------------------------------------------------------
+
+
+class RestartCommand(RestartBody):
+    op: Literal["restart"]
+
+
+class PlayCommand(Message):
+    """Play (frames pushed at `fps`) or pause."""
+
+    op: Literal["play", "pause"]
+
+
+class StepCommand(Message):
+    """One frame now, under the current controls (while paused)."""
+
+    op: Literal["step"]
+
+
+class ControlCommand(Message):
+    """The controls every next frame is dreamed under: the held arrows' action, and what to show."""
+
+    op: Literal["controls"]
+    action: Annotated[list[Coordinate], Field(min_length=2, max_length=2)]
+    temperature: Annotated[Number, Field(ge=0, le=MAX_TEMPERATURE)]
+    truth: Annotated[bool, Strict()] = False
+    belief: Annotated[bool, Strict()] = False
+    unmasking: Annotated[bool, Strict()] = False
+    fps: Annotated[Number, Field(ge=0.5, le=30)] = 4.0
+
+
+Command = Annotated[RestartCommand | PlayCommand | StepCommand | ControlCommand, Field(discriminator="op")]
+
+
+class CommandMessage(BaseModel):
+    command: Command
+
+
+def describe(error: ValidationError) -> str:
+    """The first problem of a validation error as one line: the field, what it must be, what it was."""
+    first = error.errors()[0]
+    location = first["loc"][2:] if first["loc"][:1] == ("command",) else first["loc"]  # past the tag
+    where = ".".join(str(part) for part in location) or "request"
+    given = repr(first.get("input"))
+    given = given if len(given) <= 40 else given[:37] + "..."
+    if first["type"] == "extra_forbidden":
+        return f"unknown field '{where}'"
+    if first["type"] == "missing":
+        return f"'{where}' is missing"
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return "unknown command: 'op' must be one of restart, play, pause, step, controls"
+    message = first["msg"].removeprefix("Input ")
+    return f"'{where}' {message[0].lower() + message[1:]}, got {given}"
+
+
+def validate(model: type[Message], body: Any) -> Any:
+    """`body` checked as a `model`, or a PlaygroundError with one line."""
     if not isinstance(body, dict):
         raise PlaygroundError(f"expected a JSON object, got {type(body).__name__}")
-    return body
+    try:
+        return model.model_validate(body)
+    except ValidationError as error:
+        raise PlaygroundError(describe(error)) from None
 
 
 def parse_restart(body: Any) -> RestartRequest:
-    body = _mapping(body)
-    checkpoint = _field(body, "checkpoint", str, optional=True)
-    if checkpoint is not None and not checkpoint.strip():
-        checkpoint = None  # an emptied field on the page means the server's default
-    return RestartRequest(
-        session=_field(body, "session", str, optional=True),
-        sequence=_field(body, "sequence", int, optional=True),
-        seed=_field(body, "seed", int, optional=True),
-        checkpoint=checkpoint.strip() if checkpoint else None,
-    )
+    return validate(RestartBody, body).request()
 
 
 def parse_step(body: Any) -> StepRequest:
-    body = _mapping(body)
-    action = body.get("action")
-    if not (isinstance(action, list) and len(action) == 2):
-        raise PlaygroundError(f"'action' must be [dx, dy], got {action!r}")
-    dx, dy = (_field({"action": value}, "action", float) for value in action)
-    if max(abs(dx), abs(dy)) > MAX_ACTION:
-        raise PlaygroundError(f"'action' {[dx, dy]} moves the digit more than half the frame")
-    temperature = _field(body, "temperature", float)
-    if temperature < 0:
-        raise PlaygroundError(f"'temperature' must not be negative, got {temperature}")
-    frame = _field(body, "frame", int)
-    truth = body.get("truth", False)
-    if not isinstance(truth, bool):
-        raise PlaygroundError(f"'truth' must be true or false, got {truth!r}")
-    return StepRequest(_field(body, "session", str), frame, (dx, dy), temperature, truth)
+    return validate(StepBody, body).request()
+
+
+def parse_command(body: Any) -> RestartCommand | PlayCommand | StepCommand | ControlCommand:
+    if not isinstance(body, dict):
+        raise PlaygroundError(f"expected a JSON object, got {type(body).__name__}")
+    try:
+        return CommandMessage.model_validate({"command": body}).command
+    except ValidationError as error:
+        raise PlaygroundError(describe(error)) from None
+
+
+# --- Frames (server -> page) -------------------------------------------------------------------------------
 
 
 def encode_pixels(frame: np.ndarray) -> str:

@@ -6,19 +6,53 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import Field, Strict, ValidationError
 
 from mnist_world.evaluation import pictures
 from mnist_world.playground.dreamer import SamplerSettings
-from mnist_world.playground.protocol import StepRequest, parse_step
+from mnist_world.playground.protocol import (
+    MAX_NAME,
+    MAX_SEED,
+    MAX_SEQUENCE,
+    MAX_TEMPERATURE,
+    Coordinate,
+    Int,
+    Message,
+    Number,
+    StepRequest,
+    describe,
+)
 from mnist_world.playground.session import PlayedFrame, Session
 from mnist_world.playground.world import PlaygroundError, World
 
 FORMAT = "mnist_world.playground.recording/1"
 SCALE = 4  # GIF enlargement, nearest neighbour: 32x32 frames become 128x128
 FRAME_MS = 250
+MAX_FRAMES = 100_000  # frames of one recording: hours of play; a replay dreams every one of them
+MAX_STEPS = 10_000  # unmasking iterations per frame
+
+
+class RecordedFrame(Message):
+    action: Annotated[list[Coordinate], Field(min_length=2, max_length=2)]
+    temperature: Annotated[Number, Field(ge=0, le=MAX_TEMPERATURE)]
+    truth: Annotated[bool, Strict()] = False
+
+
+class RecordingFile(Message):
+    """A recording's JSON, every number bounded: a replay refuses what it could only coerce or overflow."""
+
+    format: Literal["mnist_world.playground.recording/1"]
+    checkpoint: Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+    sequence: Annotated[Int, Field(ge=0, le=MAX_SEQUENCE)]
+    seed: Annotated[Int, Field(ge=0, le=MAX_SEED)]
+    steps: Annotated[Int, Field(ge=1, le=MAX_STEPS)]
+    guidance: Annotated[Number, Field(ge=0, le=MAX_TEMPERATURE)]
+    choice_temperature: Annotated[Number, Field(ge=0, le=MAX_TEMPERATURE)] = 1.0  # older recordings: 1
+    keep: Annotated[Int, Field(ge=1, le=MAX_STEPS)]
+    frames: Annotated[list[RecordedFrame], Field(max_length=MAX_FRAMES)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,27 +91,19 @@ class Recording:
 
     @classmethod
     def from_json(cls, payload: Any) -> Recording:
-        """A recording from its JSON form, with a one-line error for anything else."""
+        """A recording from its JSON form, with a one-line error naming the field for anything else."""
         if not isinstance(payload, dict) or payload.get("format") != FORMAT:
             raise PlaygroundError(f"not a playground recording (expected format {FORMAT})")
         try:
-            frames = payload["frames"]
-            played = []
-            for index, frame in enumerate(frames):
-                request = parse_step({"session": "replay", "frame": index, **frame})
-                played.append(PlayedFrame(request.action, request.temperature, request.truth))
-            return cls(
-                checkpoint=str(payload["checkpoint"]),
-                sequence=int(payload["sequence"]),
-                seed=int(payload["seed"]),
-                steps=int(payload["steps"]),
-                guidance=float(payload["guidance"]),
-                choice_temperature=float(payload.get("choice_temperature", 1.0)),  # older recordings: 1
-                keep=int(payload["keep"]),
-                frames=tuple(played),
-            )
-        except (KeyError, TypeError, ValueError) as error:
-            raise PlaygroundError(f"a damaged playground recording ({error})") from None
+            checked = RecordingFile.model_validate(payload)
+        except ValidationError as error:
+            raise PlaygroundError(f"a damaged playground recording: {describe(error)}") from None
+        frames = tuple(
+            PlayedFrame((frame.action[0], frame.action[1]), frame.temperature, frame.truth)
+            for frame in checked.frames
+        )
+        values = checked.model_dump(exclude={"format", "frames"})
+        return cls(**values, frames=frames)
 
 
 def replay(recording: Recording, world: World) -> Session:

@@ -8,6 +8,7 @@ import dataclasses
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from mnist_world.evaluation.action_following import Tracker
 from mnist_world.model.sampling import new_generator, warn_if_unguided
 from mnist_world.playground.dreamer import Dreamer, SamplerSettings
-from mnist_world.playground.protocol import StepRequest, frame_message
+from mnist_world.playground.protocol import StepRequest, encode_pixels, frame_message
 from mnist_world.playground.world import PlaygroundError, World
 
 
@@ -26,6 +27,15 @@ def overlay_centres(tracker: Tracker, frames: np.ndarray) -> np.ndarray | None:
     not where it is)."""
     track = tracker.track(frames[None])  # (1, T, H, W): the evaluation's tracking, for one sequence
     return track.centre[0] if track.reference[0] >= 0 else None
+
+
+def belief_images(logits: torch.Tensor, intensities: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """What the model believes at every position, from its logits (H, W, levels): the expected image
+    sum_k p(k) * intensities[k] (the point prediction, the mean of the belief) and the confidence, the
+    probability of the likeliest level; both (H, W) in [0, 1]."""
+    probabilities = logits.float().softmax(dim=-1)  # (H, W, levels)
+    expected = probabilities @ intensities
+    return expected.cpu().numpy(), probabilities.amax(dim=-1).cpu().numpy()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +77,8 @@ class Session:
             warnings.simplefilter("ignore")  # the note goes to the page instead
             note = warn_if_unguided(settings.guidance, world.objectives)
         self.notes = [note] if note else []
+        levels = np.arange(world.arch.levels)
+        self.intensities = torch.from_numpy(world.data.to_pixels(levels)).to(world.device)  # (levels,)
 
     @property
     def truth_left(self) -> int:
@@ -107,8 +119,31 @@ class Session:
             ],
         }
 
-    def step(self, request: StepRequest) -> dict[str, Any]:
-        """Dream the next frame: the message for the page, with how long the model took."""
+    def _iteration_message(
+        self, index: int, iteration: int, logits: torch.Tensor, tokens: torch.Tensor
+    ) -> dict[str, Any]:
+        """One unmasking iteration of frame `index`: the tokens kept so far (hidden ones drawn black and
+        marked in `hidden`) and what the model believed at every position as it chose them."""
+        hidden = (tokens == self.world.arch.mask_id).cpu().numpy()
+        kept = self.world.data.to_pixels(np.where(hidden, 0, tokens.cpu().numpy()))
+        expected, confidence = belief_images(logits, self.intensities)
+        return {
+            "frame": index,
+            "iteration": iteration,
+            "iterations": self.settings.steps,
+            "pixels": encode_pixels(np.where(hidden, 0.0, kept)),
+            "hidden": encode_pixels(hidden.astype(np.float32)),
+            "expected": encode_pixels(expected),
+            "confidence": encode_pixels(confidence),
+        }
+
+    def step(
+        self, request: StepRequest, on_iteration: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
+        """Dream the next frame: the message for the page, with how long the model took. With
+        `request.belief` it holds the model's belief about the frame before any token was chosen (expected
+        image, confidence); with `request.unmasking` every iteration's message, each also given to
+        `on_iteration` as soon as it is made."""
         index = len(self.frames)
         if request.frame != index:
             raise PlaygroundError(
@@ -123,9 +158,24 @@ class Session:
                 )
             action = tuple(float(value) for value in self.sequence.actions[index])
         settings = dataclasses.replace(self.settings, temperature=request.temperature)
+        iterations: list[dict[str, Any]] = []
+        first_logits: list[torch.Tensor] = []
+
+        def watch(iteration: int, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+            if iteration == 1:
+                first_logits.append(logits)
+            if request.unmasking:
+                iterations.append(self._iteration_message(index, iteration, logits, tokens))
+                if on_iteration is not None:
+                    on_iteration(iterations[-1])
+
+        watching = request.belief or request.unmasking
         started = time.perf_counter()
         tokens = self.dreamer.next_frame(
-            torch.tensor(action, device=self.world.device), settings, self.generator
+            torch.tensor(action, device=self.world.device),
+            settings,
+            self.generator,
+            watch if watching else None,
         )
         frame = self.world.data.to_pixels(tokens.cpu().numpy())
         elapsed = time.perf_counter() - started
@@ -145,4 +195,9 @@ class Session:
             truth_left=self.truth_left,
             generation_ms=round(elapsed * 1000, 1),
         )
+        if request.belief:
+            expected, confidence = belief_images(first_logits[0], self.intensities)
+            message["belief"] = {"expected": encode_pixels(expected), "confidence": encode_pixels(confidence)}
+        if request.unmasking:
+            message["unmasking"] = iterations
         return message

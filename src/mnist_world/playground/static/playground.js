@@ -1,19 +1,24 @@
-// The playground page: asks the server for one dreamed frame at a time under the action the held arrow keys
-// command, draws frames enlarged without smoothing, and overlays the ego digit's tracked centre and the
-// commanded arrow. The session id lives in this tab's memory only, so every tab plays its own run.
+// The playground page: a WebSocket to the server carries commands one way (restart, the controls, play,
+// pause, step) and frames the other, pushed as they are dreamed, with every unmasking iteration when the page
+// watches them. Frames are drawn enlarged without smoothing, with the ego digit's tracked centre and the
+// commanded arrow over the dream. The session lives as long as this tab's connection: every tab plays its own.
 "use strict";
 
 const KEYS = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
 const ARROW_GAIN = 4; // the arrow is drawn this many frames long, so a one-frame move is visible
 const STRIP_SCALE = 3;
 const STRIP_GAP = 4;
-const COLOURS = { given: "#46aa5a", dreamed: "#e68c28", centre: "#3cc8ff", text: "#e6e6e6" };
+const COLOURS = { given: "#46aa5a", dreamed: "#e68c28", centre: "#3cc8ff", text: "#e6e6e6", hidden: [40, 70, 190] };
 
 // Everything the page knows; exposed for the browser test and for anyone curious in the console.
 const state = {
   session: null,
   sequence: null,
-  frames: [], // messages from the server: {frame, pixels, action, centre, given, truth}
+  seed: null,
+  checkpoint: null,
+  frames: [], // frame messages from the server: {frame, pixels, action, centre, given, truth, belief?}
+  iterations: [], // the unmasking iterations of the latest watched frame: {frame, iteration, pixels, hidden, ...}
+  following: true, // the iteration view shows the newest iteration
   size: 32,
   step: 0,
   window: 0,
@@ -22,7 +27,7 @@ const state = {
   truthLeft: 0,
   playing: false,
   busy: false,
-  pending: null, // the step in flight, awaited before a restart
+  connected: false,
   held: new Set(),
   latencies: [], // generation_ms of recent frames
   arrivals: [], // performance.now() of recent frames
@@ -31,15 +36,14 @@ const state = {
 window.playground = state;
 
 const $ = (id) => document.getElementById(id);
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+let socket = null;
 
-async function api(path, body) {
-  const options = body === undefined ? {} : {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify(body),
-  };
-  const response = await fetch(path, options);
+function send(command) {
+  if (socket && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify(command));
+}
+
+async function getJSON(path) {
+  const response = await fetch(path);
   const payload = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}` }));
   if (!response.ok) throw new Error(payload.error || `${response.status} ${response.statusText}`);
   return payload;
@@ -58,23 +62,46 @@ function showNotes(notes) {
 
 // --- Drawing ------------------------------------------------------------------------------------------
 
-function greyImage(base64) {
-  const grey = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+const bytes = (base64) => Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+
+// Grey levels as an image; `hidden` (grey levels too, 255 where a token is still masked) tints those blue.
+function greyImage(base64, hidden = null) {
+  const grey = bytes(base64);
+  const mask = hidden ? bytes(hidden) : null;
   const image = new ImageData(state.size, state.size);
   for (let i = 0; i < grey.length; i++) {
-    image.data[4 * i] = image.data[4 * i + 1] = image.data[4 * i + 2] = grey[i];
-    image.data[4 * i + 3] = 255;
+    const rgb = mask && mask[i] > 127 ? COLOURS.hidden : [grey[i], grey[i], grey[i]];
+    image.data.set([...rgb, 255], 4 * i);
   }
-  const small = document.createElement("canvas");
-  small.width = small.height = state.size;
-  small.getContext("2d").putImageData(image, 0, 0);
-  return small;
+  return small(image);
 }
 
-function drawFrame(canvas, base64, x = 0, y = 0, width = canvas.width, height = canvas.height) {
+// A confidence in [0, 1] as a colour from deep purple (unsure) to yellow (sure).
+function heatImage(base64) {
+  const level = bytes(base64);
+  const image = new ImageData(state.size, state.size);
+  for (let i = 0; i < level.length; i++) {
+    const c = level[i] / 255;
+    image.data.set([32 + 223 * Math.min(1, 1.6 * c), 244 * c * c, 48 + 62 * Math.sin(Math.PI * c), 255], 4 * i);
+  }
+  return small(image);
+}
+
+function small(image) {
+  const canvas = document.createElement("canvas");
+  canvas.width = canvas.height = state.size;
+  canvas.getContext("2d").putImageData(image, 0, 0);
+  return canvas;
+}
+
+function drawImage(canvas, source, x = 0, y = 0, width = canvas.width, height = canvas.height) {
   const context = canvas.getContext("2d");
   context.imageSmoothingEnabled = false; // each token stays a crisp square
-  context.drawImage(greyImage(base64), x, y, width, height);
+  context.drawImage(source, x, y, width, height);
+}
+
+function drawFrame(canvas, base64, x, y, width, height) {
+  drawImage(canvas, greyImage(base64), x, y, width, height);
 }
 
 function drawBlank(canvas, text) {
@@ -139,12 +166,59 @@ function drawStrip() {
   });
 }
 
+function renderBelief(latest) {
+  const [expected, confidence] = [$("show-expected").checked, $("show-confidence").checked];
+  $("belief-panel").hidden = !(expected || confidence);
+  $("expected-panel").hidden = !expected;
+  $("confidence-panel").hidden = !confidence;
+  const belief = latest && latest.belief;
+  if (expected) belief ? drawFrame($("expected"), belief.expected) : drawBlank($("expected"), "given frame");
+  if (confidence) belief ? drawImage($("confidence"), heatImage(belief.confidence)) : drawBlank($("confidence"), "given frame");
+}
+
+function renderIterations() {
+  $("unmasking-panel").hidden = !$("show-unmasking").checked;
+  if ($("unmasking-panel").hidden) return;
+  const shown = state.iterations;
+  const slider = $("iteration");
+  slider.max = Math.max(1, shown.length);
+  if (state.following) slider.value = slider.max; // the newest iteration, until the slider is moved
+  const chosen = shown[Math.min(Number(slider.value), shown.length) - 1];
+  $("unmasking-frame").textContent = shown.length ? shown[0].frame : "-";
+  $("iteration-value").textContent = chosen ? `${chosen.iteration} of ${chosen.iterations}` : "-";
+  if (!chosen) {
+    for (const id of ["iteration-kept", "iteration-expected", "iteration-confidence"]) drawBlank($(id), "step a frame");
+  } else {
+    drawImage($("iteration-kept"), greyImage(chosen.pixels, chosen.hidden));
+    drawFrame($("iteration-expected"), chosen.expected);
+    drawImage($("iteration-confidence"), heatImage(chosen.confidence));
+  }
+  const canvas = $("iterations");
+  const context = canvas.getContext("2d");
+  context.fillStyle = "#181818";
+  context.fillRect(0, 0, canvas.width, canvas.height);
+  const cell = Math.min(48, Math.floor(canvas.width / Math.max(1, shown.length)) - 4);
+  context.font = "11px system-ui, sans-serif";
+  shown.forEach((message, index) => {
+    const left = index * (cell + 4);
+    if (message === chosen) {
+      context.fillStyle = "#8a6fd1";
+      context.fillRect(left - 2, 12, cell + 4, cell + 4);
+    }
+    drawImage(canvas, greyImage(message.pixels, message.hidden), left, 14, cell, cell);
+    context.fillStyle = COLOURS.text;
+    context.fillText(`${message.iteration}`, left + 2, 10);
+  });
+}
+
 function render() {
   const latest = state.frames[state.frames.length - 1];
   if (latest) {
     drawFrame($("dream"), latest.pixels);
     drawOverlay($("dream"), latest.centre);
   }
+  renderBelief(latest);
+  renderIterations();
   const showTruth = $("show-truth").checked;
   $("truth-panel").hidden = !showTruth;
   if (showTruth) {
@@ -169,6 +243,7 @@ function renderStats() {
   $("stat-action").textContent = truthPlaying() ? `the dataset's: ${named}` : named;
   $("play").textContent = state.playing ? "Pause" : "Play";
   $("step").disabled = state.busy || state.playing || !state.session;
+  $("reset").disabled = !state.session;
   for (const button of document.querySelectorAll("#pad button")) {
     button.classList.toggle("held", state.held.has(button.dataset.key));
   }
@@ -199,6 +274,7 @@ function arrow() {
 function hold(key, down) {
   if (down) state.held.add(key);
   else state.held.delete(key);
+  sendControls();
   render();
 }
 
@@ -221,6 +297,7 @@ window.addEventListener("keyup", (event) => {
 });
 window.addEventListener("blur", () => {
   state.held.clear();
+  sendControls();
   render();
 });
 
@@ -243,102 +320,131 @@ function remember(list, value, length = 10) {
   if (list.length > length) list.shift();
 }
 
-async function dreamOne() {
-  const session = state.session;
-  const truth = truthPlaying();
-  const message = await api("/api/step", {
-    session,
-    frame: state.frames.length,
+// What every next frame is dreamed under; sent whenever any of it changes.
+function sendControls() {
+  send({
+    op: "controls",
     action: commanded(),
     temperature: Number($("temperature").value),
-    truth,
+    truth: $("show-truth").checked,
+    belief: $("show-expected").checked || $("show-confidence").checked,
+    unmasking: $("show-unmasking").checked,
+    fps: Number($("speed").value),
   });
-  if (session !== state.session || message.frame !== state.frames.length) return; // restarted meanwhile
+}
+
+function started(start) {
+  Object.assign(state, {
+    session: start.session,
+    sequence: start.sequence,
+    seed: start.seed,
+    checkpoint: start.checkpoint,
+    frames: start.frames,
+    iterations: [],
+    size: start.frame_size,
+    step: start.step,
+    window: start.window,
+    keep: start.keep,
+    context: start.frames.length,
+    truthLeft: start.truth_left,
+    latencies: [],
+    arrivals: [],
+    busy: false,
+  });
+  $("download-gif").href = `/api/recording.gif?session=${encodeURIComponent(start.session)}`;
+  $("download-actions").href = `/api/recording.json?session=${encodeURIComponent(start.session)}`;
+  showNotes(start.notes);
+  showError("");
+  sendControls(); // the step size is known now: the held arrows' action with it
+  if (state.autoplay) {
+    state.autoplay = false;
+    send({ op: "play" });
+  }
+}
+
+function arrived(message) {
+  if (message.frame !== state.frames.length) return; // from before a restart
+  const truthEnded = state.truthLeft > 0 && message.truth_left === 0;
   state.frames.push(message);
   state.context = message.context;
   state.truthLeft = message.truth_left;
+  state.busy = false;
   remember(state.latencies, message.generation_ms);
   remember(state.arrivals, performance.now());
-  if (truth && state.truthLeft === 0) showNotes(["The true future of this sequence has ended: steer on."]);
+  if (truthEnded && $("show-truth").checked) showNotes(["The true future of this sequence has ended: steer on."]);
+  else showError("");
 }
 
-async function stepOnce() {
-  if (state.busy || !state.session) return;
-  state.busy = true;
-  renderStats();
-  state.pending = dreamOne();
-  try {
-    await state.pending;
-    showError("");
-  } catch (error) {
-    showError(error.message);
-    state.playing = false;
-  } finally {
+function iterationArrived(message) {
+  if (!state.iterations.length || state.iterations[0].frame !== message.frame) state.iterations = [];
+  state.iterations.push(message);
+  state.following = true; // show each iteration as it arrives
+}
+
+function receive(event) {
+  const message = JSON.parse(event.data);
+  if (message.type === "start") started(message);
+  else if (message.type === "frame") arrived(message);
+  else if (message.type === "iteration") iterationArrived(message);
+  else if (message.type === "state") state.playing = message.playing;
+  else if (message.type === "error") {
     state.busy = false;
-    state.pending = null;
-    render();
+    showError(message.error);
   }
+  render();
 }
 
-async function loop() {
-  while (state.playing) {
-    const started = performance.now();
-    await stepOnce();
-    const rest = 1000 / Number($("speed").value) - (performance.now() - started);
-    if (rest > 0) await sleep(rest);
-  }
+function connect() {
+  return new Promise((resolve, reject) => {
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    socket = new WebSocket(`${scheme}://${location.host}/api/live`);
+    socket.addEventListener("open", () => {
+      state.connected = true;
+      resolve();
+    });
+    socket.addEventListener("message", receive);
+    socket.addEventListener("close", () => {
+      const was = state.connected;
+      Object.assign(state, { connected: false, playing: false, busy: false });
+      showError(was ? "the connection to the server closed: reload the page" : "cannot reach the server");
+      render();
+      reject(new Error("closed"));
+    });
+  });
+}
+
+function stepOnce() {
+  if (state.busy || state.playing || !state.session) return;
+  state.busy = true;
+  send({ op: "step" });
+  renderStats();
 }
 
 function togglePlay() {
   if (!state.session) return;
-  state.playing = !state.playing;
-  renderStats();
-  if (state.playing) loop();
+  send({ op: state.playing ? "pause" : "play" });
 }
 
-async function restart() {
-  const wasPlaying = state.playing;
-  state.playing = false;
-  if (state.pending) await state.pending.catch(() => {});
-  try {
-    const start = await api("/api/restart", {
-      session: state.session,
-      sequence: Number($("sequence").value),
-      seed: Number($("seed").value),
-      checkpoint: $("checkpoint").value,
-    });
-    Object.assign(state, {
-      session: start.session,
-      sequence: start.sequence,
-      frames: start.frames,
-      size: start.frame_size,
-      step: start.step,
-      window: start.window,
-      keep: start.keep,
-      context: start.frames.length,
-      truthLeft: start.truth_left,
-      latencies: [],
-      arrivals: [],
-    });
-    $("download-gif").href = `/api/recording.gif?session=${encodeURIComponent(start.session)}`;
-    $("download-actions").href = `/api/recording.json?session=${encodeURIComponent(start.session)}`;
-    showNotes(start.notes);
-    showError("");
-    render();
-    if (wasPlaying || state.autoplay) {
-      state.autoplay = false;
-      togglePlay();
-    }
-  } catch (error) {
-    showError(error.message);
-    render();
+function restart(sequence, seed, checkpoint) {
+  send({ op: "restart", sequence, seed, checkpoint });
+}
+
+function restartFromForm() {
+  const [sequence, seed] = [Number($("sequence").value), Number($("seed").value)];
+  if (!Number.isInteger(sequence) || !Number.isInteger(seed)) {
+    showError("sequence and seed must be whole numbers");
+    return;
   }
+  restart(sequence, seed, $("checkpoint").value);
 }
 
 function bindSlider(id, format) {
   const input = $(id);
   const show = () => { $(`${id}-value`).textContent = format(Number(input.value)); };
-  input.addEventListener("input", show);
+  input.addEventListener("input", () => {
+    show();
+    sendControls();
+  });
   input.addEventListener("change", () => input.blur()); // give the arrow keys back to steering
   show();
 }
@@ -348,30 +454,41 @@ async function main() {
   bindSlider("temperature", (value) => value.toFixed(2));
   $("restart-form").addEventListener("submit", (event) => {
     event.preventDefault();
-    restart();
+    restartFromForm();
   });
   $("play").addEventListener("click", togglePlay);
   $("step").addEventListener("click", stepOnce);
-  $("show-truth").addEventListener("change", () => {
-    if ($("show-truth").checked && state.truthLeft === 0) {
-      showNotes(["The true future of this sequence has ended: restart to see it again."]);
-    }
-    render();
+  $("reset").addEventListener("click", () => restart(state.sequence, state.seed, state.checkpoint));
+  for (const id of ["show-truth", "show-expected", "show-confidence", "show-unmasking"]) {
+    $(id).addEventListener("change", () => {
+      if (id === "show-truth" && $(id).checked && state.truthLeft === 0) {
+        showNotes(["The true future of this sequence has ended: restart to see it again."]);
+      }
+      sendControls();
+      $(id).blur();
+      render();
+    });
+  }
+  $("iteration").addEventListener("input", () => {
+    state.following = false;
+    renderIterations();
   });
+  $("checkpoint").addEventListener("change", () => $("checkpoint").blur());
   try {
-    const config = await api("/api/config");
+    const config = await getJSON("/api/config");
     $("sequence").value = config.sequence;
     $("sequence-range").textContent = `(${config.sequences[0]}..${config.sequences[1]})`;
     $("seed").value = config.seed;
-    $("checkpoint").value = config.checkpoint;
+    for (const name of config.checkpoints) $("checkpoint").add(new Option(name, name, false, name === config.checkpoint));
     $("temperature").value = config.temperature;
     $("temperature").dispatchEvent(new Event("input"));
+    await connect();
   } catch (error) {
-    showError(error.message);
+    if (!state.error) showError(error.message);
     return;
   }
   state.autoplay = !new URLSearchParams(location.search).has("paused");
-  await restart();
+  restartFromForm();
 }
 
 main();
