@@ -24,7 +24,7 @@ import torch
 import typer
 
 from mnist_world import config
-from mnist_world.evaluation.action_following import box_ink
+from mnist_world.evaluation.action_following import Tracker, box_ink
 from mnist_world.model.sampling import new_generator
 from mnist_world.playground.dreamer import Dreamer, SamplerSettings
 from mnist_world.playground.world import ValidationData, World, load_world
@@ -51,14 +51,17 @@ def dream(
     return world.data.to_pixels(np.concatenate([given.tokens[:past], torch.stack(dreamed).cpu().numpy()]))
 
 
-def arrow_following(world: World, frames: np.ndarray, actions: np.ndarray, hold: int) -> list[float]:
-    """Per hold, the ego digit's displacement along the arrow over the commanded distance (0 where lost)."""
-    past, size = world.past_frames, world.data.frame_size
-    track = world.data.tracker.track(frames[None])
+def arrow_following(
+    tracker: Tracker, frames: np.ndarray, actions: np.ndarray, hold: int, past: int
+) -> list[float]:
+    """Per hold, the ego digit's displacement along the arrow over the commanded distance (0 where lost):
+    frames (P + F, H, W) in [0, 1], the first `past` given; actions (F, 2) of the dreamed ones."""
+    size = frames.shape[-1]
+    track = tracker.track(frames[None])
     if track.reference[0] < 0:  # the digits never stand apart: the ego digit is unknown
         return [0.0] * (len(actions) // hold)
     centre = track.centre[0]  # (T, 2) pixels
-    ink = box_ink(frames[None], track.centre, world.data.tracker.box(size))[0]  # (T,)
+    ink = box_ink(frames[None], track.centre, tracker.box(size))[0]  # (T,)
     found = ink >= PRESENCE * np.median(ink[:past])
     scores = []
     for start in range(0, len(actions) - hold + 1, hold):
@@ -77,13 +80,18 @@ def main(
     frames: Annotated[int, typer.Option(help="Frames dreamed per sequence.")] = 60,
     hold: Annotated[int, typer.Option(help="Frames each arrow is held.")] = 5,
     output: Annotated[Path | None, typer.Option(help="JSON file for the figures.")] = None,
+    tokens: Annotated[Path, typer.Option(help="Token store.")] = Path("data/tokens.zarr"),
+    frames_store: Annotated[Path, typer.Option("--frames-store", help="Frames store.")] = Path(
+        "data/frames.zarr"
+    ),
+    actions: Annotated[Path, typer.Option(help="Action store.")] = Path("data/actions.zarr"),
 ) -> None:
     torch.set_num_threads(1)
     data_config, tokens_config, sample = (config.load(name, params) for name in ("data", "tokens", "sample"))
     data = ValidationData(
-        "data/tokens.zarr",
-        "data/frames.zarr",
-        "data/actions.zarr",
+        tokens,
+        frames_store,
+        actions,
         data_config.train_sequences,
         data_config.val_sequences,
         tokens_config.decode,
@@ -95,12 +103,12 @@ def main(
         guidance=sample.guidance,
         choice_temperature=sample.choice_temperature,
     )
-    actions = commands(frames, hold, data.typical_step).astype(np.float32)
+    arrows = commands(frames, hold, data.typical_step).astype(np.float32)
     kept, following = [], []
     for sequence in range(data.rows.start, data.rows.start + sequences):
-        pixels = dream(world, sequence, actions, settings, seed=sample.seed + sequence)
+        pixels = dream(world, sequence, arrows, settings, seed=sample.seed + sequence)
         kept.append(float(pixels[-1].sum() / pixels[: world.past_frames].sum(axis=(1, 2)).mean()))
-        following.append(arrow_following(world, pixels, actions, hold))
+        following.append(arrow_following(data.tracker, pixels, arrows, hold, world.past_frames))
     result = {
         "checkpoint": str(checkpoint),
         "sequences": sequences,
