@@ -48,7 +48,15 @@ from mnist_world.playground.protocol import (
     parse_step,
 )
 from mnist_world.playground.recording import Recording, animation_gif, replay
-from mnist_world.playground.server import Playground, PlaygroundServer, PlaySettings, make_server, static_file
+from mnist_world.playground.server import (
+    Playground,
+    PlaygroundServer,
+    PlaySettings,
+    host_names,
+    is_loopback,
+    make_server,
+    static_file,
+)
 from mnist_world.playground.session import Session
 from mnist_world.playground.world import PlaygroundError, ValidationData, load_world
 
@@ -728,3 +736,72 @@ def test_mnist_world_play_prints_its_address_and_serves(root, tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+# --- Replay's input and the command line -------------------------------------------------------------------
+
+
+def replay_of(path: Path, payload: dict, root: Path, tmp_path: Path, *options: str):
+    path.write_text(json.dumps(payload) if isinstance(payload, dict) else payload)
+    arguments = ["replay", str(path), "--output", str(tmp_path / "out.gif"), *stores_arguments(root)]
+    arguments += ["--params", str(write_params(tmp_path / "params.yaml", DATA)), *options]
+    return CliRunner().invoke(app, arguments)
+
+
+RECORDING = {
+    "format": "mnist_world.playground.recording/1",
+    "sequence": 5,
+    "seed": 0,
+    "steps": 3,
+    "guidance": 0.0,
+    "keep": 3,
+    "frames": [{"action": [0.1, 0.0], "temperature": 1.0, "truth": False}],
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"seed": 2**64}, "'seed' should be less than or equal to 9223372036854775807"),
+        ({"seed": "1e400"}, "'seed' should be a valid integer"),
+        ({"sequence": 5.5}, "'sequence' should be a valid integer, got 5.5"),
+        ({"steps": 0}, "'steps' should be greater than or equal to 1"),
+        ({"keep": True}, "'keep' should be a valid integer, got True"),
+        ({"frames": [{"action": [0.1, "x"], "temperature": 1}]}, "'frames.0.action.1' should be a valid"),
+        ({"frames": [{"action": [0, 0], "temperature": 0}] * 100_001}, "'frames' list should have at most"),
+        ({"checkpoint": ["a.pt"]}, "'checkpoint' should be a valid string"),
+    ],
+)
+def test_replay_refuses_a_damaged_recording_naming_the_file_and_field(root, tmp_path, change, message):
+    payload = {**RECORDING, "checkpoint": str(root / "best.pt"), **change}
+    text = json.dumps(payload).replace('"1e400"', "1e400")  # a number JSON allows and a float cannot hold
+    result = replay_of(tmp_path / "played.json", text, root, tmp_path)
+    where = f"{tmp_path / 'played.json'}: a damaged playground recording"
+    assert result.exit_code == 1 and where in result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_replay_shows_the_checkpoint_it_plays_and_refuses_one_that_is_not_there(root, tmp_path):
+    path = tmp_path / "played.json"
+    result = replay_of(path, {**RECORDING, "checkpoint": "elsewhere/best.pt"}, root, tmp_path)
+    assert result.exit_code == 1
+    assert "checkpoint: elsewhere/best.pt (named by the recording)" in result.output
+    assert "the checkpoint elsewhere/best.pt does not exist (pass --checkpoint where it is)" in result.output
+    result = replay_of(path, {**RECORDING, "checkpoint": "elsewhere/best.pt"}, root, tmp_path,
+                       f"--checkpoint={root / 'best.pt'}")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"checkpoint: {root / 'best.pt'} (--checkpoint)" in result.output
+    for text, message in [("[1, 2]", "not a playground recording"), ("{", "not JSON"), ("NaN", "NaN is not")]:
+        result = replay_of(path, text, root, tmp_path)
+        assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_the_server_answers_its_own_names_and_warns_off_loopback(root, tmp_path):
+    assert host_names("127.0.0.1", 8000) == {"127.0.0.1:8000", "localhost:8000", "[::1]:8000"}
+    assert host_names("192.0.2.1", 80, ("lab.local",)) == {"192.0.2.1:80", "lab.local:80"}
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and not is_loopback("0.0.0.0")
+    params = write_params(tmp_path / "params.yaml", DATA)
+    arguments = ["play", f"--checkpoint={root / 'best.pt'}", *stores_arguments(root), f"--params={params}"]
+    result = CliRunner().invoke(app, [*arguments, "--host=192.0.2.1"])  # not this machine's: cannot bind
+    assert "warning: listening on 192.0.2.1, not loopback" in result.output
+    assert result.exit_code == 1 and "cannot listen on 192.0.2.1:0" in result.output
