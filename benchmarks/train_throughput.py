@@ -1,10 +1,10 @@
-"""Training throughput of the fast recipe (the recipe's model, batch 4, future objective), in sequences per
-second: our path (the model as it trains: attention written out in bf16 on a CPU and across the 20 frames,
-the fused kernel within frames otherwise, dropout drawn 16 bits at a time, bf16 autocast where the CPU has
-it natively) beside a plain reference of the same weights (fp32, attention as explicit
+"""Training throughput of the fast recipe (recipe.yaml's model, batch and frame size, future objective), in
+sequences per second: our path (the model as it trains: attention written out in bf16 on a CPU and across
+the 20 frames, the fused kernel within frames otherwise, dropout drawn 16 bits at a time, bf16 autocast where
+the CPU has it natively) beside a plain reference of the same weights (fp32, attention as explicit
 softmax(q k^T / sqrt(d) + mask) v, torch's dropout), all timed in the same run on the same batches with the
 library's own training step (`learner.train_step`), and against the machine's matmul roofline. The process
-keeps freed memory for reuse, as training does (`devices.keep_freed_memory`); `--return-freed-memory`
+keeps freed memory for reuse, as training does (`core.devices.keep_freed_memory`); `--return-freed-memory`
 leaves glibc's default, under which every variant pays page faults on its large activations, the reference
 most (its (L, L) scores).
 
@@ -31,6 +31,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,9 @@ from mnist_world.core.devices import autocast_dtype, cpu_has_native_bf16, keep_f
 from mnist_world.model.network import Architecture, Dropout, SelfAttention, WorldModel, build_model
 from mnist_world.training import recipe
 from mnist_world.training.learner import Learner, configure_optimizer, train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
 
 
 class PlainSelfAttention(SelfAttention):
@@ -153,13 +157,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", default="cpu", help="cpu | cuda | mps | auto")
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: the recipe's)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 1 CPU, 5 GPU)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 CPU, 30 GPU)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--full", action="store_true", help="the full model (D=384, L=6) instead of the fast")
-    parser.add_argument("--patch", type=int, default=1, help="model.patch_size (1: the recipe)")
-    parser.add_argument("--dropout", type=float, default=0.1, help="model.dropout (0.1: the recipe)")
+    parser.add_argument("--patch", type=int, default=None, help="model.patch_size (default: the recipe's)")
+    parser.add_argument("--dropout", type=float, default=None, help="model.dropout (default: the recipe's)")
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipe.yaml", help="the recipe's file")
     parser.add_argument(
         "--precision",
         default="auto",
@@ -176,7 +181,7 @@ def main() -> None:
     parser.add_argument(
         "--return-freed-memory",
         action="store_true",
-        help="leave glibc's malloc as it is (training keeps freed memory: devices.keep_freed_memory)",
+        help="leave glibc's malloc as it is (training keeps freed memory: core.devices.keep_freed_memory)",
     )
     args = parser.parse_args()
     if not args.return_freed_memory:
@@ -188,9 +193,19 @@ def main() -> None:
     steps = args.steps if args.steps is not None else (30 if gpu else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_config = recipe.model_config(full=args.full, patch_size=args.patch, dropout=args.dropout)
-    arch = Architecture.from_config(model_config, levels=16, frame_size=32, frames=20)
-    config = recipe.train_config(batch_size=args.batch, device=device.type)
+    model_changes = {"patch_size": args.patch, "dropout": args.dropout}
+    model_config = recipe.model_config(
+        PARAMS,
+        args.full,
+        args.recipe,
+        **{name: value for name, value in model_changes.items() if value is not None},
+    )
+    tokens = recipe.section("tokens", PARAMS, args.recipe)
+    frames = recipe.section("data", PARAMS, args.recipe).frames
+    arch = Architecture.from_config(model_config, tokens.levels, tokens.frame_size, frames)
+    batch = {"batch_size": args.batch} if args.batch else {}
+    config = recipe.train_config(PARAMS, recipe=args.recipe, device=device.type, **batch)
+    args.batch = config.batch_size  # the recipe's unless asked
     torch.manual_seed(0)
     model = build_model(arch).to(device)
 
@@ -198,7 +213,11 @@ def main() -> None:
     batches = []
     for _ in range(2):  # two different batches, so no step can reuse the previous one's work
         tokens = torch.randint(
-            0, arch.levels, (args.batch, arch.frames, 32, 32), device=device, generator=generator
+            0,
+            arch.levels,
+            (args.batch, arch.frames, arch.frame_size, arch.frame_size),
+            device=device,
+            generator=generator,
         )
         actions = torch.randn(args.batch, arch.frames, 2, device=device, generator=generator) * 0.1
         batches.append((tokens, actions))

@@ -200,11 +200,11 @@ def run(
     recipe_file: Annotated[Path, typer.Option("--recipe", help="Recipe file (RECIPE.md's numbers).")] = (
         recipe.RECIPE
     ),
-    epochs: Annotated[int | None, typer.Option(help="Training epochs [default: the recipe's]")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Batch size [default: the recipe's]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (default: the recipe's).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Batch size (default: the recipe's).")] = None,
     compile_model: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile.")] = False,
     eval_sequences: Annotated[
-        int | None, typer.Option(help="Test sequences scored [default: the recipe's]")
+        int | None, typer.Option(help="Test sequences scored (default: the recipe's).")
     ] = None,
     budget: Annotated[
         float, typer.Option(help="Seconds for the whole command; training stops in time.")
