@@ -33,10 +33,11 @@ def main(
 ) -> None:
     """Train with the `train` params, continuing from OUTPUT/last.pt when it comes from the same run.
 
-    Reads params `model`, `train` and `data`. One process at a time writes OUTPUT (OUTPUT/.lock holds its
-    PID). With train.nproc > 1 the command re-launches itself under torchrun (DistributedDataParallel); the
-    launcher holds the lock for its ranks. With MNIST_WORLD_NODES > 1 every node runs this command (see
-    docs/scaling.md) and rank 0, wherever torchrun places it, holds the lock and writes OUTPUT.
+    Reads params `model`, `train` and `data`. One process at a time writes OUTPUT (`.models.lock` beside
+    it holds its PID). With train.nproc > 1 the command re-launches itself under torchrun
+    (DistributedDataParallel); the launcher holds the lock for its ranks. With MNIST_WORLD_NODES > 1 every
+    node runs this command (see docs/scaling.md) and rank 0, wherever torchrun places it, holds the lock and
+    writes OUTPUT.
     """
     model_config, train_config = config.load("model", params), config.load("train", params)
     data_config = config.load("data", params)

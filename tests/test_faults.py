@@ -13,6 +13,7 @@ import errno
 import hashlib
 import http.server
 import io
+import json
 import os
 import re
 import shutil
@@ -46,6 +47,7 @@ from mnist_world.training.run_folder import (
     ModelsLock,
     discard_set_aside,
     last_good_state,
+    lock_file,
     recover_set_aside,
     restore_set_aside,
     set_aside,
@@ -854,17 +856,22 @@ def test_a_read_only_folder_fails_before_any_work(workspace):
 # --- interrupts ------------------------------------------------------------------------------------------
 
 
-def start_download(workspace: Path, sequences: int) -> subprocess.Popen:
-    """The download stage generating `sequences` sequences: long enough to be caught writing its store."""
-    set_params(workspace, data__num_sequences=sequences)
+def start_stage(workspace: Path, name: str) -> subprocess.Popen:
+    """`python stages/<name>.py` started in `workspace`, its output piped."""
     return subprocess.Popen(
-        command("download"),
+        command(name),
         cwd=workspace,
         env=environment(workspace),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def start_download(workspace: Path, sequences: int) -> subprocess.Popen:
+    """The download stage generating `sequences` sequences: long enough to be caught writing its store."""
+    set_params(workspace, data__num_sequences=sequences)
+    return start_stage(workspace, "download")
 
 
 def partials(workspace: Path) -> list[Path]:
@@ -885,22 +892,31 @@ def test_kill_9_during_a_data_stage_leaves_a_temporary_that_the_next_run_removes
     assert partials(workspace) == [] and leftovers(workspace) == []
 
 
-@pytest.mark.parametrize(
-    ("sent", "status", "words"),
-    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "stopped by SIGTERM")],
-)
-def test_ctrl_c_and_sigterm_end_in_one_line_and_keep_the_old_store(workspace, sent, status, words):
-    before = snapshot(workspace, "data/raw.zarr")
-    process = start_download(workspace, 3000)
-    assert wait_for(lambda: partials(workspace), process), "the stage finished before it could be stopped"
+def stop(process: subprocess.Popen, sent: int, status: int) -> str:
+    """Send `sent` to a stage started with pipes and return its one error line (checked as `error_line`)."""
     process.send_signal(sent)
-    stdout, stderr = process.communicate(timeout=120)
-    line = error_line(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), status)
-    assert line.startswith(words) and "outputs are as they were before this run" in line
-    assert snapshot(workspace, "data/raw.zarr") == before
-    # zarr's writer thread may still add a file after the cleanup: what the next run of the stage removes
-    clean_stale_temporaries(workspace / "data/raw.zarr")
-    assert partials(workspace) == []
+    stdout, stderr = process.communicate(timeout=300)
+    return error_line(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), status)
+
+
+INTERRUPTS = [(signal.SIGINT, 130, "interrupted (Ctrl-C); "), (signal.SIGTERM, 143, "stopped by SIGTERM; ")]
+
+
+@pytest.mark.parametrize(("sent", "status", "words"), INTERRUPTS, ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_and_sigterm_end_in_one_line_keep_the_old_store_and_leave_no_temporary(
+    workspace, sent, status, words
+):
+    """Stopped while zarr writes the new store (three times, at different points): the old store, no
+    temporary left (zarr's I/O thread finishes before the temporary goes), and a line that says so."""
+    before = snapshot(workspace, "data/raw.zarr")
+    for delay in (0.0, 0.3, 0.8):
+        process = start_download(workspace, 3000)
+        assert wait_for(lambda: partials(workspace), process), "the stage finished before it was stopped"
+        time.sleep(delay)
+        line = stop(process, sent, status)
+        assert line == words + "outputs are as they were before this run: run again to redo it"
+        assert snapshot(workspace, "data/raw.zarr") == before
+        assert partials(workspace) == [] and leftovers(workspace) == []
 
 
 @pytest.mark.slow
@@ -915,6 +931,108 @@ def test_kill_9_during_training_resumes(workspace):
     assert done.returncode == 0, done.stderr
     assert "resuming after epoch" in done.stdout and leftovers(workspace / "models") == []
     assert verify_checkpoint(workspace / "models/last.pt")["epoch"] == 6
+
+
+UNCHANGED = "outputs are as they were before this run: run again to redo it"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sent", "status", "words"), INTERRUPTS, ids=["ctrl-c", "sigterm"])
+def test_training_stopped_by_an_interrupt_says_what_it_leaves(workspace, sent, status, words):
+    """Stopped before this run's first checkpoint, the previous run's checkpoints are back and the line says
+    so; stopped after an epoch, the line names the epoch models/last.pt holds, and the next run resumes it."""
+    models = workspace / "models"
+    before = snapshot(workspace, "models")
+    set_params(workspace, train__epochs=8, train__seed=1)  # another run: the old checkpoints go aside
+    process = start_stage(workspace, "train")
+    assert wait_for(lambda: set_aside_folder(models).exists(), process)
+    line = stop(process, sent, status)
+    if "before this run's first checkpoint" in line:
+        assert line == words + (
+            "training stopped before this run's first checkpoint: the previous run's checkpoints are back in "
+            "models (models/last.pt (epoch 2))"
+        )
+        assert snapshot(workspace, "models") == before
+    else:  # the first epoch ended before the signal came
+        assert re.match(rf"^{re.escape(words)}training stopped after epoch \d+: ", line), line
+    assert not set_aside_folder(models).exists() and leftovers(workspace) == []
+
+    process = start_stage(workspace, "train")
+    assert wait_for(lambda: (models / "epoch_002.pt").exists(), process)
+    line = stop(process, sent, status)
+    epoch = verify_checkpoint(models / "last.pt")["epoch"]
+    assert line == words + (
+        f"training stopped after epoch {epoch}: models/last.pt holds it and the curves go up to it; run "
+        "again with the same params to resume"
+    )
+    assert leftovers(workspace) == [] and not lock_file(models).exists()
+    done = stage(workspace, "train")
+    assert done.returncode == 0, done.stderr
+    assert f"models/last.pt: resuming after epoch {epoch}" in done.stdout
+
+
+def eval_temporaries(workspace: Path) -> list[Path]:
+    return list((workspace / "reports").glob(".eval.*"))
+
+
+@pytest.mark.slow
+def test_evaluate_interrupted_at_any_point_leaves_all_old_or_all_new_reports(workspace, tmp_path):
+    """SIGTERM, Ctrl-C and kill -9 from the moment evaluate starts writing its reports to after it swapped
+    them in: every time the four outputs are all the old ones or all the new ones, and the line says which.
+    After kill -9, the next writer's cleanup (`clean_stale_temporaries`) finishes or drops the swap."""
+    set_params(workspace, sample__seed=1, eval__strips=2, eval__generations=4)  # new reports, more to write
+    old = snapshot(workspace, "reports/eval")
+    kept = tmp_path / "old"
+    shutil.copytree(workspace / "reports/eval", kept)
+    reference = tmp_path / "reference"
+    shutil.copytree(workspace, reference)
+    assert stage(reference, "evaluate").returncode == 0
+    new = snapshot(reference, "reports/eval")
+    assert new.keys() == old.keys() and new != old
+    swapped = (
+        "this run had put reports/eval/{future_pred, generation, metrics.json, per_horizon.csv} in place, "
+        "complete; any other output is as it was before it"
+    )
+    outcomes: dict[str, int] = {}
+    for attempt, delay in enumerate((0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.8, 0.0, 0.1, 0.3)):
+        sent, status, words = [*INTERRUPTS, (signal.SIGKILL, -9, "")][attempt % 3]
+        process = start_stage(workspace, "evaluate")
+        assert wait_for(lambda: eval_temporaries(workspace), process), "evaluate wrote nothing to stop"
+        time.sleep(delay)
+        if sent == signal.SIGKILL:
+            process.kill()
+            process.communicate(timeout=300)
+            mixed = snapshot(workspace, "reports/eval") not in (old, new)
+            clean_stale_temporaries(workspace / "reports/eval")  # what the next evaluate does first
+            state = "old" if snapshot(workspace, "reports/eval") == old else "new"
+            outcome = f"kill -9: {state}" + (" (finished by the cleanup)" if mixed else "")
+        elif process.poll() is not None:  # it finished first
+            assert process.returncode == 0 and snapshot(workspace, "reports/eval") == new
+            outcome = "finished"
+        else:
+            line = stop(process, sent, status)
+            state = "old" if snapshot(workspace, "reports/eval") == old else "new"
+            assert line == words + (UNCHANGED if state == "old" else swapped)
+            outcome = f"{signal.Signals(sent).name}: {state}"
+        assert snapshot(workspace, "reports/eval") in (old, new)
+        assert eval_temporaries(workspace) == [] and leftovers(workspace / "reports") == []
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        shutil.rmtree(workspace / "reports/eval")
+        shutil.copytree(kept, workspace / "reports/eval")
+    print(f"evaluate interrupted: {outcomes}")  # the fault table: pytest -rP
+
+
+@pytest.mark.slow
+def test_a_damaged_chunk_among_many_is_one_line_with_nothing_after_it(workspace):
+    """zarr decodes a shard's chunks as concurrent tasks on its own thread; when one chunk fails, the others
+    were still pending at exit in about 1 run in 7, each destroyed with asyncio's lines after ours. 30 runs
+    (at 1 in 7, all 30 clean by chance: 1%)."""
+    set_params(workspace, data__num_sequences=400, data__sequences_per_shard=100)
+    assert stage(workspace, "download").returncode == 0
+    damage_shard(workspace / "data/raw.zarr", "frames", 1, "chunk")
+    for _ in range(30):
+        line = error_line(stage(workspace, "downsample"))  # exactly one line on stderr
+        assert line.startswith("data/raw.zarr: shard frames/c/1/0/0/0 (sequences 100-199) is damaged (Zstd")
 
 
 # --- one writer at a time ------------------------------------------------------------------------------
@@ -1092,6 +1210,66 @@ def test_concurrent_runs_are_refused_by_dvc_and_by_the_models_lock(repo):
     assert first.returncode == 0, stderr
     assert verify_checkpoint(repo / "models/last.pt")["epoch"] == 3
     assert "Data and pipelines are up to date" in dvc(repo, "repro").stdout
+
+
+def cached_outputs(repo: Path) -> set[str]:
+    """The outputs dvc.yaml has DVC cache (all but those with `cache: false`)."""
+    found = set()
+    for spec in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values():
+        for out in spec.get("outs", []):
+            path, options = (out, None) if isinstance(out, str) else next(iter(out.items()))
+            if (options or {}).get("cache", True):
+                found.add(path)
+    return found
+
+
+def untrue_records(repo: Path) -> list[str]:
+    """What dvc.lock records that is not a real output in the cache: a hash missing from the cache, a folder
+    entry missing from it, or a hidden entry (a lock or a set-aside folder)."""
+    cache, problems = repo / ".dvc/cache/files/md5", []
+    for name, spec in yaml.safe_load((repo / "dvc.lock").read_text())["stages"].items():
+        for out in spec.get("outs", []):
+            if out["path"] not in cached_outputs(repo):
+                continue
+            stored = cache / out["md5"][:2] / out["md5"][2:]
+            if not stored.exists():
+                problems.append(f"{name}: {out['path']} ({out['md5']}) not in the cache")
+                continue
+            for entry in json.loads(stored.read_text()) if out["md5"].endswith(".dir") else []:
+                if any(part.startswith(".") for part in Path(entry["relpath"]).parts):
+                    problems.append(f"{name}: {out['path']}/{entry['relpath']} recorded")
+                if not (cache / entry["md5"][:2] / entry["md5"][2:]).exists():
+                    problems.append(f"{name}: {out['path']}/{entry['relpath']} not in the cache")
+    return problems
+
+
+@pytest.mark.slow
+def test_a_training_run_beside_dvc_repro_leaves_a_true_dvc_lock(dvc_built, tmp_path):
+    """A training run started by hand while `dvc repro` trains (refused with the PID) or as it moves on to
+    evaluate (it finds training finished, and holds the lock while DVC hashes models/): dvc.lock records only
+    real outputs, every hash is in the cache, and `dvc status` is clean. The lock lives beside models/."""
+    outcomes = []
+    for attempt, epoch in enumerate((1, 6, 12)):
+        repo = tmp_path / f"lab{attempt}"
+        shutil.copytree(dvc_built, repo, symlinks=True)
+        set_params(repo, train__epochs=12)
+        repro = subprocess.Popen(
+            ["dvc", "repro"], cwd=repo, env=environment(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert wait_for(lambda: (repo / f"models/epoch_{epoch:03d}.pt").exists(), repro)  # noqa: B023
+        manual = stage(repo, "train")
+        _, stderr = repro.communicate(timeout=600)
+        assert repro.returncode == 0, stderr
+        if manual.returncode == 0:
+            assert "training already finished (12 epochs)" in manual.stdout
+            outcomes.append("finished")
+        else:
+            assert error_line(manual).startswith("models: another training run (PID ")
+            outcomes.append("refused")
+        assert untrue_records(repo) == []
+        assert "Data and pipelines are up to date" in dvc(repo, "status").stdout
+        assert not lock_file(repo / "models").exists()
+    print(f"manual training beside dvc repro: {outcomes}")  # the fault table: pytest -rP
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """How every stage fails: one line on stderr that names the thing and what to do, and a non-zero exit.
 
 `run(main)` replaces `typer.run(main)` in the stages. Set MNIST_WORLD_DEBUG=1 to get the traceback instead.
-This module imports nothing else of the project, so that every stage can use it without depending on more.
+Of the project this module imports only `core.atomic` (which every stage writes its outputs with), to say
+after an interrupt which outputs this run had already put in place.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import logging
 import os
 import signal
 import sys
@@ -20,6 +20,8 @@ from types import FrameType
 from typing import Annotated, Any
 
 import typer
+
+from mnist_world.core.atomic import finish_pending_io, replaced
 
 DEBUG = "MNIST_WORLD_DEBUG"
 HINT = f"{DEBUG}=1 shows the traceback"
@@ -53,14 +55,38 @@ def _one_line(text: str) -> str:
     return text if len(text) <= MAX_LENGTH else text[: MAX_LENGTH - 3] + "..."
 
 
+def _listed(paths: list[Path]) -> str:
+    """`reports/eval/{metrics.json, per_horizon.csv}, data/tokens.zarr`: paths grouped by folder."""
+    folders: dict[Path, list[str]] = {}
+    for path in paths:
+        folders.setdefault(path.parent, []).append(path.name)
+    return ", ".join(
+        str(folder / names[0]) if len(names) == 1 else f"{folder}/{{{', '.join(sorted(names))}}}"
+        for folder, names in folders.items()
+    )
+
+
+def what_is_left(error: BaseException) -> str:
+    """What an interrupted run leaves on disk, in words: what the code it stopped noted on the interrupt, or
+    else which outputs it had already put in place (each complete: they are replaced whole)."""
+    notes = getattr(error, "__notes__", None)
+    if notes:
+        return "; ".join(notes)
+    done = replaced()
+    if not done:
+        return "outputs are as they were before this run: run again to redo it"
+    return f"this run had put {_listed(done)} in place, complete; any other output is as it was before it"
+
+
 def describe(error: BaseException) -> str:
     """`error` as one line. The project's errors (and ValueError, which its checks raise) already name their
-    subject and say what to do; OSErrors get their file and advice; anything else is flagged as unexpected."""
+    subject and say what to do; OSErrors get their file and advice; anything else is flagged as unexpected;
+    an interrupt says what it leaves."""
     kind = type(error)
     if isinstance(error, KeyboardInterrupt):
-        return "interrupted (Ctrl-C); outputs are as they were before this run: run again to redo it"
+        return _one_line(f"interrupted (Ctrl-C); {what_is_left(error)}")
     if isinstance(error, Terminated):
-        return "stopped by SIGTERM; outputs are as they were before this run: run again to redo it"
+        return _one_line(f"stopped by SIGTERM; {what_is_left(error)}")
     if kind.__module__.startswith("mnist_world") or kind is ValueError:
         return _one_line(str(error) or kind.__name__)
     if isinstance(error, OSError):
@@ -82,6 +108,9 @@ def one_line_errors() -> Iterator[None]:
     except (typer.Exit, typer.Abort, SystemExit):
         raise
     except BaseException as error:
+        # A failed or interrupted read or write may have left zarr's I/O thread busy: let it finish, or its
+        # tasks are destroyed unfinished at exit, each with lines of asyncio's after ours.
+        finish_pending_io()
         if debugging():
             raise
         typer.echo(f"error: {describe(error)}", err=True)
@@ -90,11 +119,6 @@ def one_line_errors() -> Iterator[None]:
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
-    # Stopped inside zarr's event loop, its pending tasks and coroutines are collected unfinished at exit (a
-    # warning and asyncio's "Task was destroyed but it is pending!" each): consequences of the stop, which
-    # the error line reports, not news for the user.
-    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
 

@@ -1,17 +1,24 @@
 """Atomic writes of every artifact: built at a temporary path beside its destination and renamed into place
-only when complete; temporaries that killed writers left are cleaned, and a failed write is one line.
+only when complete, several outputs of one folder replaced together; temporaries that killed writers left are
+cleaned, and a failed write is one line. Ctrl-C and SIGTERM wait while outputs are being swapped, and the
+process keeps a record of what it has put in place, so that an interrupt can say what is on disk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
 import os
 import re
 import shutil
+import signal
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 
@@ -21,6 +28,75 @@ class WriteError(ValueError):
 
 # Errors of the file system rather than of the data: reported as "cannot write <destination>".
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+# `.<name>.partial-<pid>` (being written), `.<name>.previous-<pid>` (the version being replaced)
+TEMPORARY = re.compile(r"^\.(.+)\.(partial|previous)-(\d+)$")
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+PENDING_IO_SECONDS = 30.0  # how long to wait for zarr's I/O thread to finish what an interrupted call started
+
+_replaced: list[Path] = []  # the outputs this process has put in place, in order
+
+
+def replaced() -> list[Path]:
+    """The outputs this process has put in place so far (atomic_path and replace_together), in order."""
+    return list(_replaced)
+
+
+def _record(path: Path) -> None:
+    # A write inside another write's temporary (a file of a folder being built) is not an output yet.
+    if not any(TEMPORARY.match(part) for part in path.parts[:-1]) and path not in _replaced:
+        _replaced.append(path)
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back for the block (a handful of renames) and deliver them right after it, so
+    that an interrupt never lands between two renames of one replacement. Only the main thread can do this;
+    elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    previous = {signum: signal.signal(signum, hold) for signum in INTERRUPTS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)  # the stage's handler runs now, after the renames
+
+
+def finish_pending_io(timeout: float = PENDING_IO_SECONDS) -> None:
+    """Wait until zarr's I/O thread has finished the tasks an interrupted or failed call left running.
+
+    zarr 3 runs its reads and writes as tasks on an event loop in a thread of its own. When the main thread
+    stops waiting (an exception, Ctrl-C), those tasks go on: a write may add a file to a temporary after it
+    was removed, and tasks still pending at exit are destroyed there, each with a message of asyncio's.
+    zarr has no public call for this, so the loop is looked up where zarr keeps it (`zarr.core.sync.loop`);
+    when zarr is not loaded, or that changes, there is nothing to wait for.
+    """
+    sync = sys.modules.get("zarr.core.sync")
+    loops = getattr(sync, "loop", None)
+    loop = loops[0] if isinstance(loops, list) and loops else None
+    if not isinstance(loop, asyncio.AbstractEventLoop) or loop.is_closed() or not loop.is_running():
+        return
+
+    async def drain() -> None:
+        # Finished tasks may start others (a shard's chunks): wait until none is left.
+        while others := [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]:
+            await asyncio.wait(others)
+            for task in others:
+                if not task.cancelled():
+                    task.exception()  # retrieved: asyncio does not report it again at exit
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(drain(), loop).result(timeout)
 
 
 def _remove(path: Path) -> None:
@@ -47,21 +123,29 @@ def clean_stale_temporaries(path: str | Path) -> list[Path]:
     """Remove the temporaries that writers of `path` killed mid-write (kill -9, power loss) left beside it.
 
     Only those of processes that no longer run are touched. A killed writer may also have moved the previous
-    `path` aside without putting the new one in its place: that previous version is put back. Returns the
-    paths removed or restored.
+    `path` aside without putting the new one in its place: that previous version is put back. A writer killed
+    while swapping the entries of the folder `path` (`replace_together`) had them all written: the swap is
+    finished, so the folder holds all of that run's outputs. Returns the paths removed or restored.
     """
     path = Path(path)
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(partial|previous)-(\d+)$")
     if not path.parent.is_dir():
         return []
-    stale = []
+    stale: dict[tuple[str, int], Path] = {}
     for sibling in path.parent.iterdir():
-        match = pattern.match(sibling.name)
-        if match and not process_alive(int(match.group(2))):
-            stale.append((match.group(1), sibling))
+        match = TEMPORARY.match(sibling.name)
+        if match and match.group(1) == path.name and not process_alive(int(match.group(3))):
+            stale[match.group(2), int(match.group(3))] = sibling
     handled = []
+    for pid in sorted({pid for kind, pid in stale if kind == "partial"}):
+        staging, previous = stale[("partial", pid)], stale.get(("previous", pid))
+        if previous is not None and path.is_dir() and previous.is_dir() and staging.is_dir():
+            _swap_entries(staging, path, previous)  # the entries left to move, as the killed writer would
+            for kind in ("partial", "previous"):
+                finished = stale.pop((kind, pid))
+                _remove(finished)
+                handled.append(finished)
     # Newest first: of several set-aside versions, the most recent is the one to restore.
-    for kind, sibling in sorted(stale, key=lambda item: item[1].lstat().st_mtime, reverse=True):
+    for (kind, _), sibling in sorted(stale.items(), key=lambda item: item[1].lstat().st_mtime, reverse=True):
         if kind == "previous" and not path.exists() and not path.is_symlink():
             sibling.rename(path)
         else:
@@ -140,20 +224,78 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield temporary
     except BaseException as error:
+        finish_pending_io()  # no write of the block may land after the temporary is removed
         with contextlib.suppress(OSError):
             _remove(temporary)
         if _is_write_error(error, temporary):
             raise WriteError(write_failure(path, error, existed)) from None  # type: ignore[arg-type]
         raise
-    if path.is_dir() and not path.is_symlink():
-        # os.replace cannot replace a non-empty directory: move the old one aside first.
-        previous = path.with_name(f".{path.name}.previous-{os.getpid()}")
-        _remove(previous)
-        path.rename(previous)
-        temporary.rename(path)
+    with interrupts_held():
+        if path.is_dir() and not path.is_symlink():
+            # os.replace cannot replace a non-empty directory: move the old one aside first.
+            previous = path.with_name(f".{path.name}.previous-{os.getpid()}")
+            _remove(previous)
+            path.rename(previous)
+            temporary.rename(path)
+            shutil.rmtree(previous)
+        else:
+            os.replace(temporary, path)
+        _record(path)
+
+
+def _swap_entries(staging: Path, folder: Path, previous: Path) -> list[Path]:
+    """Move every entry of `staging` into `folder`, the entry it replaces into `previous` first; the paths."""
+    previous.mkdir(exist_ok=True)
+    moved = []
+    for entry in sorted(staging.iterdir()):
+        target = folder / entry.name
+        if target.exists() or target.is_symlink():
+            target.rename(previous / entry.name)
+        entry.rename(target)
+        moved.append(target)
+    return moved
+
+
+@contextlib.contextmanager
+def replace_together(folder: str | Path) -> Iterator[Path]:
+    """Yield an empty folder beside `folder` to write a stage's outputs into, under their final names; when
+    the block succeeds, they replace their namesakes in `folder` together. Entries of `folder` that the block
+    did not write stay as they are.
+
+    The outputs are all written before the first of them is moved, and the moves (two renames an output) run
+    with Ctrl-C and SIGTERM held back, so an interrupt leaves all the old outputs or all the new ones; after a
+    kill -9 inside those moves, the next writer of `folder` finishes them (`clean_stale_temporaries`). On an
+    exception the temporary folder goes and `folder` is untouched; a full disk or a read-only folder raises
+    WriteError naming `folder`.
+    """
+    folder = Path(folder)
+    existed = folder.exists()
+    staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    previous = folder.with_name(f".{folder.name}.previous-{os.getpid()}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(folder)
+        for leftover in (staging, previous):
+            _remove(leftover)
+        staging.mkdir()
+    except OSError as error:
+        if _is_write_error(error, staging):
+            raise WriteError(write_failure(folder, error, existed)) from None
+        raise
+    try:
+        yield staging
+    except BaseException as error:
+        finish_pending_io()
+        with contextlib.suppress(OSError):
+            _remove(staging)
+        if _is_write_error(error, staging):
+            raise WriteError(write_failure(folder, error, existed)) from None  # type: ignore[arg-type]
+        raise
+    with interrupts_held():
+        for path in _swap_entries(staging, folder, previous):
+            _record(path)
         shutil.rmtree(previous)
-    else:
-        os.replace(temporary, path)
+        staging.rmdir()
 
 
 def write_json(path: str | Path, payload: Any) -> None:

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from mnist_world.config import EvalConfig, SampleConfig
-from mnist_world.core.atomic import atomic_path, write_json
+from mnist_world.core.atomic import atomic_path, replace_together, write_json
 from mnist_world.core.metrics import (
     baselines,
     fit_blur_scale,
@@ -186,12 +186,12 @@ def evaluate(
     result.update(summarize_following({name: np.concatenate(values) for name, values in following.items()}))
 
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    with atomic_path(output / "per_horizon.csv") as temporary:
-        per_horizon(table).to_csv(temporary, index=False, float_format="%.6g")
-    _draw_predictions(output / "future_pred", drawn, run.past, run.first)
-    _draw_generations(output / "generation", model, stores, sample, evaluation, run.first, device)
-    write_json(output / "metrics.json", result)
+    # Every output is made beside `output` first; then they replace the previous ones together.
+    with replace_together(output) as staging:
+        per_horizon(table).to_csv(staging / "per_horizon.csv", index=False, float_format="%.6g")
+        _draw_predictions(staging / "future_pred", drawn, run.past, run.first)
+        _draw_generations(staging / "generation", model, stores, sample, evaluation, run.first, device)
+        write_json(staging / "metrics.json", result)
     return result
 
 

@@ -29,7 +29,13 @@ from mnist_world.training.distributed import Process, close_process, init_proces
 from mnist_world.training.epoch import DROPOUT, DivergenceError, Sequences, steps_per_epoch, train_epoch
 from mnist_world.training.learner import Learner
 from mnist_world.training.log import TrainingLog
-from mnist_world.training.run_folder import last_good_state, restore_set_aside, save_epoch, start_or_resume
+from mnist_world.training.run_folder import (
+    last_good_state,
+    restore_set_aside,
+    save_epoch,
+    start_or_resume,
+    stopped_state,
+)
 from mnist_world.training.validation import Validation
 
 
@@ -170,7 +176,8 @@ class _Run:
         except BaseException as error:
             if not process.is_main:
                 raise
-            if restore_set_aside(output_dir):  # failed before its first checkpoint: the previous run's stand
+            restored = restore_set_aside(output_dir)
+            if restored:  # failed before its first checkpoint: the previous run's stand
                 self.say(f"{output_dir}: the previous run's checkpoints are back in place")
             if reports_dir and (output_dir / LAST).exists():  # the curves as the last checkpoint left them
                 payload = load_checkpoint(output_dir / LAST)
@@ -180,6 +187,8 @@ class _Run:
                 raise DivergenceError(
                     f"{error}; the last good state is {last_good_state(output_dir)}"
                 ) from None
+            if not isinstance(error, Exception):  # Ctrl-C or SIGTERM: the one line says what is on disk
+                error.add_note(stopped_state(output_dir, bool(restored)))
             raise
 
     def epochs(

@@ -1,5 +1,8 @@
 """The folder of a training run: resuming from its last checkpoint, saving an epoch's checkpoints, keeping the
 previous run's checkpoints until the new run has its own, and one writer at a time.
+
+The lock and the set-aside checkpoints live beside the folder (`.models.lock`, `.models.previous-run/`), not
+in it: the folder is a DVC output, and DVC hashes whatever it holds when a stage ends.
 """
 
 from __future__ import annotations
@@ -23,8 +26,22 @@ from mnist_world.model.checkpoint import (
 from mnist_world.training.distributed import Process
 from mnist_world.training.learner import Learner
 
-SET_ASIDE = ".previous-run"  # where a new run keeps the previous run's checkpoints until it has its own
-LOCK = ".lock"  # holds the PID of the one process writing the folder
+
+def _beside(output_dir: str | Path, suffix: str) -> Path:
+    output_dir = Path(output_dir)
+    if output_dir.name in ("", ".."):  # `.` or `..`: name it
+        output_dir = output_dir.resolve()
+    return output_dir.with_name(f".{output_dir.name}.{suffix}")
+
+
+def set_aside_folder(output_dir: str | Path) -> Path:
+    """Where a new run keeps the previous run's checkpoints until it has its own: `.models.previous-run`."""
+    return _beside(output_dir, "previous-run")
+
+
+def lock_file(output_dir: str | Path) -> Path:
+    """The file that holds the PID of the one process writing `output_dir`: `.models.lock`."""
+    return _beside(output_dir, "lock")
 
 
 # --- Resume ------------------------------------------------------------------------------------------------
@@ -87,7 +104,7 @@ def start_or_resume(
     say: Callable[[str], None],
 ) -> None:
     """Restore `learner` from output_dir/last.pt when it belongs to this run; else set the previous run's
-    checkpoints aside (`output_dir/.previous-run/`) until this run has written a good one of its own."""
+    checkpoints aside (`set_aside_folder`) until this run has written a good one of its own."""
     output_dir.mkdir(parents=True, exist_ok=True)
     resumed = None if fresh else find_resumable(output_dir, expected, say)
     process.barrier()  # every rank has read last.pt before rank 0 may move it
@@ -124,7 +141,7 @@ def checkpoints_in(output_dir: str | Path) -> list[Path]:
 
 
 def set_aside(output_dir: str | Path) -> Path | None:
-    """Move the checkpoints of `output_dir` into `output_dir/.previous-run/` before a new run starts.
+    """Move the checkpoints of `output_dir` into `.<output_dir>.previous-run/` beside it before a new run.
 
     They stay there until the new run has written its first good checkpoint (`discard_set_aside`) or has
     failed before that (`restore_set_aside`). Returns the folder, or None when there was nothing to keep.
@@ -134,7 +151,7 @@ def set_aside(output_dir: str | Path) -> Path | None:
     found = checkpoints_in(output_dir)
     if not found:
         return None
-    folder = output_dir / SET_ASIDE
+    folder = set_aside_folder(output_dir)
     folder.mkdir()
     for path in found:
         path.rename(folder / path.name)
@@ -148,7 +165,7 @@ def restore_set_aside(output_dir: str | Path) -> list[Path]:
     its first good checkpoint: that checkpoint is then the last good state.
     """
     output_dir = Path(output_dir)
-    folder = output_dir / SET_ASIDE
+    folder = set_aside_folder(output_dir)
     if not folder.is_dir():
         return []
     for path in checkpoints_in(output_dir):
@@ -163,7 +180,7 @@ def restore_set_aside(output_dir: str | Path) -> list[Path]:
 
 def discard_set_aside(output_dir: str | Path) -> None:
     """Delete the set-aside checkpoints: the new run has written a good checkpoint of its own."""
-    folder = Path(output_dir) / SET_ASIDE
+    folder = set_aside_folder(output_dir)
     if folder.exists():
         shutil.rmtree(folder)
 
@@ -172,7 +189,7 @@ def recover_set_aside(output_dir: str | Path) -> list[Path]:
     """After a run that was killed (kill -9, power loss) with checkpoints set aside: restore them when the
     folder holds no checkpoint of its own, else discard them. Returns the paths restored."""
     output_dir = Path(output_dir)
-    if not (output_dir / SET_ASIDE).is_dir():
+    if not set_aside_folder(output_dir).is_dir():
         return []
     if checkpoints_in(output_dir):
         discard_set_aside(output_dir)
@@ -191,11 +208,30 @@ def last_good_state(output_dir: str | Path) -> str:
     return f"{path} (epoch {payload['epoch']})"
 
 
+def stopped_state(output_dir: str | Path, restored: bool) -> str:
+    """What a run stopped by Ctrl-C or SIGTERM leaves, in words, for the one line that reports the stop:
+    `training stopped after epoch 3: models/last.pt resumes it ...`, or that the folder is as it was."""
+    output_dir = Path(output_dir)
+    if restored:
+        return (
+            "training stopped before this run's first checkpoint: the previous run's checkpoints are back "
+            f"in {output_dir} ({last_good_state(output_dir)})"
+        )
+    try:
+        epoch = verify_checkpoint(output_dir / LAST)["epoch"]
+    except CheckpointError:
+        return f"training stopped before its first checkpoint: {last_good_state(output_dir)}"
+    return (
+        f"training stopped after epoch {epoch}: {output_dir / LAST} holds it and the curves go up to it; run "
+        "again with the same params to resume"
+    )
+
+
 # --- One writer at a time ----------------------------------------------------------------------------------
 
 
 class ModelsLock:
-    """One writer at a time for a checkpoint folder: `output_dir/.lock`, locked with flock, holds its PID.
+    """One writer at a time for a checkpoint folder: `lock_file(output_dir)`, locked with flock, has its PID.
 
     The kernel drops the lock when its process dies, so a lock file left by a killed run (kill -9, power
     loss) is stale and simply taken over; `took_over` then holds that run's PID. Use as a context manager;
@@ -204,7 +240,7 @@ class ModelsLock:
 
     def __init__(self, output_dir: str | Path) -> None:
         self.output_dir = Path(output_dir)
-        self.path = self.output_dir / LOCK
+        self.path = lock_file(self.output_dir)
         self.took_over: int | None = None
         self._descriptor: int | None = None
 
