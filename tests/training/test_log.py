@@ -67,3 +67,15 @@ def test_a_new_run_removes_the_curves_of_the_previous_one(tmp_path: Path) -> Non
     TrainingLog(tmp_path).write()
     assert not (tmp_path / "plots" / "metrics" / "accuracy.tsv").exists()
     assert "loss" not in json.loads((tmp_path / "metrics.json").read_text())
+
+
+def test_logging_the_rows_again_gives_the_same_files(tmp_path: Path) -> None:
+    """How a failed run puts back the curves of its last checkpoint: byte for byte what the run wrote."""
+    run = TrainingLog(tmp_path)
+    for row in ROWS:  # as training logs: a row, then metrics.json
+        run.add(row)
+        run.write()
+    run.end({"best_val_loss": 1.5, "epoch": 1})
+    written = {path: path.read_bytes() for path in sorted(tmp_path.rglob("*")) if path.is_file()}
+    TrainingLog(tmp_path, ROWS).write({"best_val_loss": 1.5, "epoch": 1})
+    assert {path: path.read_bytes() for path in sorted(tmp_path.rglob("*")) if path.is_file()} == written

@@ -35,9 +35,9 @@ class TrainingLog:
             empty = "empty git repo" in str(error).lower()  # a git repository without commits
             advice = "; make a first commit and run again" if empty else ""
             raise TrainingLogError(f"{self.folder}: DVCLive could not start: {error}{advice}") from None
-        for row in rows:
+        for row in rows:  # row by row, as the run wrote them: the same files, byte for byte
             self.add(row)
-        self.live.make_summary()
+            self.live.make_summary()
 
     def add(self, row: Mapping[str, Any]) -> None:
         """Append one row to the curves (written at once); metrics.json follows at the next `write`."""
