@@ -197,7 +197,7 @@ def run(
     params: Annotated[Path, typer.Option(help="Params file (model, train, sample, eval sections).")] = Path(
         "params.yaml"
     ),
-    recipe_file: Annotated[Path, typer.Option("--recipe", help="Recipe file (RECIPE.md's numbers).")] = (
+    recipe_file: Annotated[Path, typer.Option("--recipe", help="Recipe file (the recipe's numbers).")] = (
         recipe.RECIPE
     ),
     epochs: Annotated[int | None, typer.Option(help="Training epochs (default: the recipe's).")] = None,

@@ -1,6 +1,6 @@
-"""The recipe (RECIPE.md) read from `recipe.yaml`: its values replace params.yaml's, section by section, for
-the GPU script and the throughput benchmark; `python -m mnist_world.training.recipe` prints the same as the
-`-S` options of `dvc exp run` (the README's line).
+"""The recipe (the original training code's settings) read from `recipe.yaml`: its values replace
+params.yaml's, section by section, for the GPU script and the throughput benchmark;
+`python -m mnist_world.training.recipe` prints the same as the `-S` options of `dvc exp run` (the README's).
 """
 
 from __future__ import annotations
