@@ -945,7 +945,7 @@ def test_training_stopped_by_an_interrupt_says_what_it_leaves(workspace, sent, s
     before = snapshot(workspace, "models")
     set_params(workspace, train__epochs=8, train__seed=1)  # another run: the old checkpoints go aside
     process = start_stage(workspace, "train")
-    assert wait_for(lambda: set_aside_folder(models).exists(), process)
+    assert wait_for(lambda: set_aside_folder(models).exists(), process, timeout=600)
     line = stop(process, sent, status)
     if "before this run's first checkpoint" in line:
         assert line == words + (
@@ -957,8 +957,10 @@ def test_training_stopped_by_an_interrupt_says_what_it_leaves(workspace, sent, s
         assert re.match(rf"^{re.escape(words)}training stopped after epoch \d+: ", line), line
     assert not set_aside_folder(models).exists() and leftovers(workspace) == []
 
+    started = time.time()
     process = start_stage(workspace, "train")
-    assert wait_for(lambda: (models / "epoch_002.pt").exists(), process)
+    second = models / "epoch_002.pt"  # this run's, not the previous run's put back
+    assert wait_for(lambda: second.exists() and second.stat().st_mtime > started, process, timeout=600)
     line = stop(process, sent, status)
     epoch = verify_checkpoint(models / "last.pt")["epoch"]
     assert line == words + (
@@ -980,7 +982,7 @@ def test_evaluate_interrupted_at_any_point_leaves_all_old_or_all_new_reports(wor
     """SIGTERM, Ctrl-C and kill -9 from the moment evaluate starts writing its reports to after it swapped
     them in: every time the four outputs are all the old ones or all the new ones, and the line says which.
     After kill -9, the next writer's cleanup (`clean_stale_temporaries`) finishes or drops the swap."""
-    set_params(workspace, sample__seed=1, eval__strips=2, eval__generations=4)  # new reports, more to write
+    set_params(workspace, sample__seed=1)  # new reports: other samples, pictures and metrics
     old = snapshot(workspace, "reports/eval")
     kept = tmp_path / "old"
     shutil.copytree(workspace / "reports/eval", kept)
@@ -997,7 +999,7 @@ def test_evaluate_interrupted_at_any_point_leaves_all_old_or_all_new_reports(wor
     for attempt, delay in enumerate((0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.8, 0.0, 0.1, 0.3)):
         sent, status, words = [*INTERRUPTS, (signal.SIGKILL, -9, "")][attempt % 3]
         process = start_stage(workspace, "evaluate")
-        assert wait_for(lambda: eval_temporaries(workspace), process), "evaluate wrote nothing to stop"
+        assert wait_for(lambda: eval_temporaries(workspace), process, timeout=600), "it wrote nothing"
         time.sleep(delay)
         if sent == signal.SIGKILL:
             process.kill()
@@ -1135,9 +1137,11 @@ def dvc_built(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ["git", "config", "user.name", "test"],
         ["dvc", "init", "-q"],
         ["dvc", "config", "core.analytics", "false"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "pipeline"],  # DVCLive, in the train stage, wants a commit to start from
         ["dvc", "repro"],
         ["git", "add", "-A"],
-        ["git", "commit", "-qm", "pipeline"],
+        ["git", "commit", "-qm", "outputs"],
     ):
         done = subprocess.run(arguments, cwd=repo, env=environment(repo), capture_output=True, text=True)
         assert done.returncode == 0, f"{arguments}: {done.stdout}\n{done.stderr}"
@@ -1253,10 +1257,12 @@ def test_a_training_run_beside_dvc_repro_leaves_a_true_dvc_lock(dvc_built, tmp_p
         repo = tmp_path / f"lab{attempt}"
         shutil.copytree(dvc_built, repo, symlinks=True)
         set_params(repo, train__epochs=12)
+        started = time.time()
         repro = subprocess.Popen(
             ["dvc", "repro"], cwd=repo, env=environment(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
-        assert wait_for(lambda: (repo / f"models/epoch_{epoch:03d}.pt").exists(), repro)  # noqa: B023
+        written = repo / f"models/epoch_{epoch:03d}.pt"  # this run's (the copy holds epochs 1-2 of another)
+        assert wait_for(lambda: written.exists() and written.stat().st_mtime > started, repro, timeout=600)  # noqa: B023
         manual = stage(repo, "train")
         _, stderr = repro.communicate(timeout=600)
         assert repro.returncode == 0, stderr
