@@ -91,7 +91,9 @@ def ssim(prediction: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 def iou(prediction: np.ndarray, target: np.ndarray) -> np.ndarray:
     """(N, F): intersection over union of the ink masks (pixels > INK_THRESHOLD); 1 where both are empty."""
-    predicted, true = prediction > INK_THRESHOLD, target > INK_THRESHOLD
+    # Compared in float64: a float32 pixel of 0.3 (0.30000001) is ink whatever dtype the frames come in.
+    predicted = np.asarray(prediction, dtype=np.float64) > INK_THRESHOLD
+    true = np.asarray(target, dtype=np.float64) > INK_THRESHOLD
     intersection = (predicted & true).sum(axis=(-2, -1))
     union = (predicted | true).sum(axis=(-2, -1))
     return np.where(union > 0, intersection / np.maximum(union, 1), 1.0)
