@@ -988,7 +988,7 @@ def test_evaluate_interrupted_at_any_point_leaves_all_old_or_all_new_reports(wor
     shutil.copytree(workspace / "reports/eval", kept)
     reference = tmp_path / "reference"
     shutil.copytree(workspace, reference)
-    assert stage(reference, "evaluate").returncode == 0
+    assert stage(reference, "evaluate", timeout=900).returncode == 0
     new = snapshot(reference, "reports/eval")
     assert new.keys() == old.keys() and new != old
     swapped = (
