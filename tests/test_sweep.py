@@ -15,6 +15,7 @@ from test_pipeline import ROOT
 from test_sharing import attempt, make_lab, run
 
 from mnist_world.model.checkpoint import load_checkpoint
+from mnist_world.training.run_folder import lock_file
 
 SCRIPT = ROOT / "scripts" / "sweep.py"
 
@@ -49,13 +50,13 @@ def test_a_queued_sweep_runs_side_by_side_and_is_tabulated(tmp_path: Path) -> No
     assert experiments["point.mse"].notna().all() and experiments["sampled.ssim"].notna().all()
 
     # Each experiment trained from scratch in its own workspace (the persistent models folder did not carry
-    # the baseline's checkpoints over) and let go of models/.lock.
+    # the baseline's checkpoints over) and let go of the models lock (.models.lock).
     for name, layers in zip(experiments["Experiment"], experiments["model.layers"].astype(int), strict=True):
         run(lab, "dvc", "exp", "apply", name)
         payload = load_checkpoint(lab / "models" / "best.pt")
         assert payload["params"]["model"]["layers"] == layers
         assert [record["epoch"] for record in payload["history"]] == [1, 2]
-        assert not (lab / "models" / ".lock").exists()
+        assert not lock_file(lab / "models").exists()
 
     result = attempt(
         lab, sys.executable, str(SCRIPT), "model.layers", "point.mse", "sampled.mse", "--output", "sweep"

@@ -76,7 +76,7 @@ def test_masked_count_follows_the_cosine_schedule(total, steps):
 @pytest.mark.parametrize("steps", [20, 6])
 def test_joint_mode_masks_exactly_the_schedule_over_all_future_tokens(model, batch, steps):
     history = []
-    run(model, batch, from_params(SampleConfig, steps=steps), record=history)
+    run(model, batch, from_params(SampleConfig, steps=steps, mode="joint"), record=history)
     total = (FRAMES - PAST) * SIZE * SIZE  # every future token, not one frame's
     assert [step for _, step, _ in history] == list(range(1, steps + 1))
     for (_, step, state), count in zip(history, expected_counts(total, steps), strict=True):
@@ -86,7 +86,7 @@ def test_joint_mode_masks_exactly_the_schedule_over_all_future_tokens(model, bat
 
 def test_joint_mode_never_remasks_a_kept_token(model, batch):
     history = []
-    run(model, batch, from_params(SampleConfig, steps=10), record=history)
+    run(model, batch, from_params(SampleConfig, steps=10, mode="joint"), record=history)
     states = [state for _, _, state in history]
     for before, after in zip(states, states[1:], strict=False):
         kept = before != MASK
@@ -218,9 +218,11 @@ def test_guidance_zero_is_plain_sampling(model, batch):
 
 def test_guidance_uses_the_frames_alone_with_the_identity_mask(model, batch):
     counting = CountingModel(model)
-    guided = run(counting, batch, from_params(SampleConfig, steps=5, guidance=2.0))
+    # Kept by confidence at temperature 0.5, the sample follows the logits closely enough to show guidance.
+    sampler = {"steps": 5, "mode": "joint", "temperature": 0.5, "choice_temperature": 1.0}
+    guided = run(counting, batch, from_params(SampleConfig, **sampler, guidance=2.0))
     assert counting.unconditional == [(FRAMES - PAST, None, PAST)] * 5  # no cache, placed after the past
-    assert not torch.equal(guided, run(model, batch, from_params(SampleConfig, steps=5)))
+    assert not torch.equal(guided, run(model, batch, from_params(SampleConfig, **sampler)))
     torch.testing.assert_close(guide(torch.tensor([1.0]), torch.tensor([0.25]), 2.0), torch.tensor([2.5]))
 
 

@@ -54,8 +54,17 @@ FOREIGN = "evil.example"  # a name the browser resolves to 127.0.0.1: what DNS r
 
 # One digit, so that moving the whole frame moves the ego digit and nothing else.
 SIZE, FRAMES, LEVELS = 32, 8, 8
+# Bouncing data, which these exact-pixel steering checks were written on: with the driven data of the same
+# seed the tracked centre after the held arrow and the still frame read 4.48 px, not 5.
 ONE_DIGIT = from_params(
-    DataConfig, num_sequences=12, frames=FRAMES, seed=3, digits=1, train_sequences=4, val_sequences=8
+    DataConfig,
+    num_sequences=12,
+    frames=FRAMES,
+    seed=3,
+    digits=1,
+    train_sequences=4,
+    val_sequences=8,
+    ego_motion="bounce",
 )
 
 

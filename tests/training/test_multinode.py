@@ -15,6 +15,7 @@ from test_training import CONFIG, ENV, assert_same_weights, make_stores, stage, 
 
 from mnist_world.model.checkpoint import load_checkpoint
 from mnist_world.training.distributed import NODES, RENDEZVOUS, RUN_ID, Cluster
+from mnist_world.training.run_folder import lock_file
 
 
 def free_port() -> int:
@@ -108,7 +109,7 @@ def test_two_nodes_of_one_process_train_as_one_node_of_two(tmp_path: Path) -> No
     assert_same_weights(one_node / "models" / "last.pt", two_nodes / "models" / "last.pt")
     history = [load_checkpoint(root / "models" / "last.pt")["history"] for root in (one_node, two_nodes)]
     assert [r["val_loss"] for r in history[0]] == [r["val_loss"] for r in history[1]]
-    assert not (two_nodes / "models" / ".lock").exists()
+    assert not lock_file(two_nodes / "models").exists()
     print(
         f"\nwall: 1 node x 2 processes {one_node_seconds:.1f} s, 2 nodes x 1 process {two_node_seconds:.1f} s"
         f"; per step: {step_seconds(one_node / 'models'):.3f} s, {step_seconds(two_nodes / 'models'):.3f} s"
