@@ -27,24 +27,6 @@ from mnist_world.config.checks import (
 )
 from mnist_world.config.params_file import read_params
 
-__all__ = [  # ConfigError, build and read_params belong to this module's interface too: `config.build(...)`
-    "DIGIT_SIZE",
-    "OBJECTIVES",
-    "SECTIONS",
-    "ActionsConfig",
-    "ConfigError",
-    "DataConfig",
-    "EvalConfig",
-    "ModelConfig",
-    "SampleConfig",
-    "TokensConfig",
-    "TrainConfig",
-    "as_dict",
-    "build",
-    "load",
-    "read_params",
-]
-
 DIGIT_SIZE = 28  # MNIST digits are 28x28 at the raw canvas resolution: the generator, the tracker and
 # the canvas check depend on it
 
