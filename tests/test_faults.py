@@ -1012,10 +1012,18 @@ def test_evaluate_interrupted_at_any_point_leaves_all_old_or_all_new_reports(wor
             assert process.returncode == 0 and snapshot(workspace, "reports/eval") == new
             outcome = "finished"
         else:
-            line = stop(process, sent, status)
-            state = "old" if snapshot(workspace, "reports/eval") == old else "new"
-            assert line == words + (UNCHANGED if state == "old" else swapped)
-            outcome = f"{signal.Signals(sent).name}: {state}"
+            process.send_signal(sent)
+            stdout, stderr = process.communicate(timeout=300)
+            result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+            if result.returncode == 0:  # the signal came as the finished stage was exiting: ignored
+                assert "Traceback" not in result.stderr and "error:" not in result.stderr, result.stderr
+                assert snapshot(workspace, "reports/eval") == new
+                outcome = f"{signal.Signals(sent).name}: after it finished"
+            else:
+                line = error_line(result, status)
+                state = "old" if snapshot(workspace, "reports/eval") == old else "new"
+                assert line == words + (UNCHANGED if state == "old" else swapped)
+                outcome = f"{signal.Signals(sent).name}: {state}"
         assert snapshot(workspace, "reports/eval") in (old, new)
         assert eval_temporaries(workspace) == [] and leftovers(workspace / "reports") == []
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
@@ -1304,3 +1312,25 @@ def test_dvc_repro_never_records_a_corrupt_best_checkpoint(repo):
     assert len(ours) == 1 and ours[0].startswith("error: models/best.pt: corrupt or unsafe checkpoint")
     assert "failed to reproduce 'train'" in result.stderr
     assert (repo / "dvc.lock").read_text() == lock
+
+
+def test_a_signal_while_a_finished_stage_shuts_down_is_ignored(tmp_path: Path) -> None:
+    """After the stage's work (and its last line), a SIGTERM that arrives while the interpreter runs its exit
+    callbacks neither raises inside one (a traceback after the stage's output) nor turns success into 143."""
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "import atexit, sys, time\n"
+        "from mnist_world import cli\n"
+        "def main() -> None:\n"
+        "    atexit.register(time.sleep, 3)  # an exit callback still running when the signal comes\n"
+        "    print('done', flush=True)\n"
+        "cli.run(main)\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline() == "done\n"
+    time.sleep(1)  # inside the exit callback
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert (process.returncode, stderr) == (0, "")

@@ -145,4 +145,11 @@ def run(main: Callable[..., Any]) -> None:
     if sys.platform != "win32":
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
-    typer.run(command(main))
+    try:
+        typer.run(command(main))
+    finally:
+        # The stage has finished or said why not: a signal while the interpreter shuts down would raise
+        # inside an exit callback (torch's, zarr's) and print a traceback after the stage's last line.
+        if sys.platform != "win32":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
