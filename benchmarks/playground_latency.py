@@ -215,7 +215,7 @@ def main(
         raise typer.Exit(1)
     data_config, token_config = config.load("data", params), config.load("tokens", params)
     model_config, sample = config.load("model", params), config.load("sample", params)
-    settings = SamplerSettings(steps=steps or sample.steps, temperature=sample.temperature, guidance=0.0)
+    settings = SamplerSettings.from_config(sample, steps=steps or sample.steps, guidance=0.0)
     try:
         data = ValidationData(
             tokens,

@@ -97,12 +97,7 @@ def main(
         tokens_config.decode,
     )
     world = load_world(checkpoint, data)
-    settings = SamplerSettings(
-        steps=sample.steps,
-        temperature=sample.temperature,
-        guidance=sample.guidance,
-        choice_temperature=sample.choice_temperature,
-    )
+    settings = SamplerSettings.from_config(sample)
     arrows = commands(frames, hold, data.typical_step).astype(np.float32)
     kept, following = [], []
     for sequence in range(data.rows.start, data.rows.start + sequences):

@@ -16,13 +16,14 @@ import yaml
 from conftest import from_params, tiny_architecture
 
 from mnist_world.actions.ego import build_actions_store
-from mnist_world.config import ActionsConfig, DataConfig, TokensConfig, build
+from mnist_world.config import ActionsConfig, DataConfig, SampleConfig, TokensConfig, build
 from mnist_world.data.frames import build_frames_store
 from mnist_world.data.sources import build_raw_store
 from mnist_world.data.tokens import build_token_store
 from mnist_world.evaluation.action_following import Tracker
 from mnist_world.model.checkpoint import save_checkpoint
 from mnist_world.model.network import build_model
+from mnist_world.playground.dreamer import SamplerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "dream_rollout.py"
@@ -112,3 +113,12 @@ def test_the_script_dreams_and_reports(tiny_run: Path) -> None:
     assert report["frames"] == 10 and len(report["ink_kept_per_sequence"]) == 1
     assert report["ink_kept_last_frame"]["median"] >= 0
     assert set(report["arrow_following"]) == {"mean", "median_per_hold", "share_at_least_half"}
+
+
+def test_the_playground_dreams_with_the_params_sampler() -> None:
+    """Every sampler setting of params.yaml reaches the playground (a dropped one would fall to a default)."""
+    sample = from_params(SampleConfig, steps=7, temperature=0.9, guidance=0.5, choice_temperature=123.0)
+    settings = SamplerSettings.from_config(sample)
+    assert (settings.steps, settings.temperature, settings.guidance) == (7, 0.9, 0.5)
+    assert settings.choice_temperature == 123.0
+    assert SamplerSettings.from_config(sample, steps=3).steps == 3

@@ -98,12 +98,8 @@ def play(
     torch.set_num_threads(threads)
     data, token_config, sample = _params(params)
     try:
-        sampler = SamplerSettings(
-            steps=sample.steps if steps is None else steps,
-            temperature=sample.temperature if temperature is None else temperature,
-            guidance=sample.guidance if guidance is None else guidance,
-            choice_temperature=sample.choice_temperature,
-        )
+        given = {"steps": steps, "temperature": temperature, "guidance": guidance}
+        sampler = SamplerSettings.from_config(sample, **{k: v for k, v in given.items() if v is not None})
         resolved = str(resolve_device(device))
     except ValueError as error:
         _fail(str(error))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from mnist_world.config import SampleConfig
 from mnist_world.model.sampling import Context, guide, unmask
 from mnist_world.playground.world import Model
 
@@ -31,6 +32,18 @@ class SamplerSettings:
     temperature: float = 1.0
     guidance: float = 0.0
     choice_temperature: float = 1.0  # sampling.unmask's
+
+    @classmethod
+    def from_config(cls, sample: SampleConfig, **changes: float) -> SamplerSettings:
+        """The params' `sample` section as the playground dreams with it (always frame by frame), `changes`
+        (steps, temperature, guidance) on top."""
+        values = {
+            "steps": sample.steps,
+            "temperature": sample.temperature,
+            "guidance": sample.guidance,
+            "choice_temperature": sample.choice_temperature,
+        }
+        return cls(**{**values, **changes})
 
     def __post_init__(self) -> None:
         if self.steps < 1:
