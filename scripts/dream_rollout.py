@@ -24,13 +24,12 @@ import torch
 import typer
 
 from mnist_world import config
-from mnist_world.evaluation.action_following import Tracker, box_ink
+from mnist_world.evaluation.action_following import PRESENCE, Tracker, box_ink
 from mnist_world.model.sampling import new_generator
 from mnist_world.playground.dreamer import Dreamer, SamplerSettings
 from mnist_world.playground.world import ValidationData, World, load_world
 
 ARROWS = np.array([(1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0)])  # right, down, left, up (x, y)
-PRESENCE = 0.5  # as the evaluation's: the ego digit's box holds at least half its given ink
 
 
 def commands(frames: int, hold: int, step: float) -> np.ndarray:
