@@ -939,24 +939,31 @@ UNCHANGED = "outputs are as they were before this run: run again to redo it"
 @pytest.mark.slow
 @pytest.mark.parametrize(("sent", "status", "words"), INTERRUPTS, ids=["ctrl-c", "sigterm"])
 def test_training_stopped_by_an_interrupt_says_what_it_leaves(workspace, sent, status, words):
-    """Stopped before this run's first checkpoint, the previous run's checkpoints are back and the line says
-    so; stopped after an epoch, the line names the epoch models/last.pt holds, and the next run resumes it."""
+    """Stopped before this run's first checkpoint (at several moments after the old checkpoints went aside,
+    the first while DVCLive's first log imports DVC), the previous run's checkpoints are back and the line
+    says so; stopped after an epoch, the line names the epoch models/last.pt holds, and the next run resumes
+    it."""
     models = workspace / "models"
     before = snapshot(workspace, "models")
     set_params(workspace, train__epochs=8, train__seed=1)  # another run: the old checkpoints go aside
-    process = start_stage(workspace, "train")
-    assert wait_for(lambda: set_aside_folder(models).exists(), process, timeout=600)
-    line = stop(process, sent, status)
-    if "before this run's first checkpoint" in line:
-        assert line == words + (
-            "training stopped before this run's first checkpoint: the previous run's checkpoints are back in "
-            "models (models/last.pt (epoch 2))"
-        )
-        assert snapshot(workspace, "models") == before
-    else:  # the first epoch ended before the signal came
-        assert re.match(rf"^{re.escape(words)}training stopped after epoch \d+: ", line), line
+    for delay in (0.0, 0.1, 0.2, 0.3):
+        process = start_stage(workspace, "train")
+        assert wait_for(lambda: set_aside_folder(models).exists(), process, timeout=600)
+        time.sleep(delay)
+        line = stop(process, sent, status)
+        if "before this run's first checkpoint" in line:
+            assert line == words + (
+                "training stopped before this run's first checkpoint: the previous run's checkpoints are "
+                "back in models (models/last.pt (epoch 2))"
+            )
+            assert snapshot(workspace, "models") == before
+        else:  # the first epoch ended before the signal came
+            assert re.match(rf"^{re.escape(words)}training stopped after epoch \d+: ", line), line
+            break
+        assert not set_aside_folder(models).exists() and leftovers(workspace) == []
     assert not set_aside_folder(models).exists() and leftovers(workspace) == []
 
+    set_params(workspace, train__epochs=8, train__seed=2)  # a fresh run, whatever the first part left
     started = time.time()
     process = start_stage(workspace, "train")
     second = models / "epoch_002.pt"  # this run's, not the previous run's put back

@@ -51,9 +51,10 @@ def _record(path: Path) -> None:
 
 @contextlib.contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM back for the block (a handful of renames) and deliver them right after it, so
-    that an interrupt never lands between two renames of one replacement. Only the main thread can do this;
-    elsewhere the block runs as it is."""
+    """Hold Ctrl-C and SIGTERM back for the block and deliver them right after it, so that an interrupt never
+    lands between two renames of one replacement, or inside an import (which would leave a package
+    half-initialised for the clean-up that follows). Only the main thread can do this; elsewhere the block
+    runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

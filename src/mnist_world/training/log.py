@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mnist_world.core.atomic import interrupts_held
+
 
 class TrainingLogError(RuntimeError):
     """DVCLive could not start where the curves go."""
@@ -24,13 +26,16 @@ class TrainingLog:
     and `dvc exp run` records the experiment (no experiment saved by DVCLive)."""
 
     def __init__(self, folder: str | Path, rows: Iterable[Mapping[str, Any]] = ()) -> None:
-        # Imported here: DVCLive imports DVC, which the GPU machine does not have (it logs no curves).
-        from dvclive import Live
-
         self.folder = Path(folder)
         try:
-            # resume=False: DVCLive removes the files of an earlier run; `rows` are logged again below.
-            self.live = Live(dir=str(self.folder), resume=False, save_dvc_exp=False, dvcyaml=None)
+            # Whole or not at all: the first log imports DVC (hundreds of modules), which an interrupt would
+            # leave half-initialised for the clean-up that logs the curves again.
+            with interrupts_held():
+                # Imported here: DVCLive imports DVC, which the GPU machine does not have (it logs no curves).
+                from dvclive import Live
+
+                # resume=False: DVCLive removes the files of an earlier run; `rows` are logged again below.
+                self.live = Live(dir=str(self.folder), resume=False, save_dvc_exp=False, dvcyaml=None)
         except Exception as error:  # DVCLive reads the git repository around the working directory
             empty = "empty git repo" in str(error).lower()  # a git repository without commits
             advice = "; make a first commit and run again" if empty else ""
