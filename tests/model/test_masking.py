@@ -11,6 +11,7 @@ from mnist_world.model.masking import (
     causal_mask,
     choose_objectives,
     full_mask,
+    hide_actions,
     identity_mask,
     make_batch,
     mask_ratios,
@@ -137,3 +138,23 @@ def test_objectives_are_drawn_by_weight() -> None:
     assert picks == choose_objectives(mixture, 20000, torch.Generator().manual_seed(0))
     only_future = from_params(TrainConfig, objectives={"future": 1.0, "joint": 0.0})
     assert set(choose_objectives(only_future, 100, torch.Generator())) == {"future"}
+
+
+def test_hide_actions_hides_whole_sequences_at_the_share_asked():
+    actions = torch.randn(4000, 6, 2)
+    generator = torch.Generator().manual_seed(0)
+    hidden = hide_actions(actions, 0.25, generator)
+    unknown = hidden.isnan()
+    per_sequence = unknown.flatten(1)
+    assert bool((per_sequence.all(dim=1) | ~per_sequence.any(dim=1)).all())  # all of a sequence or none
+    assert 0.23 < per_sequence.all(dim=1).float().mean().item() < 0.27
+    assert torch.equal(hidden[~unknown], actions[~unknown])
+    assert torch.equal(hide_actions(actions, 0.25, torch.Generator().manual_seed(0)).isnan(), unknown)
+
+
+def test_hide_actions_at_zero_draws_nothing():
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    actions = torch.randn(3, 6, 2)
+    assert hide_actions(actions, 0.0, generator) is actions
+    assert torch.equal(generator.get_state(), state)  # the masks drawn after it are as before

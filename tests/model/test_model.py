@@ -62,9 +62,10 @@ INPUT = {"action_conditioning": "input"}  # the recipe's
         (from_params(ModelConfig, patch_size=1, layers=6, embed_dim=384, **INPUT), 14_615_056),  # its full
         (from_params(ModelConfig, patch_size=2, **INPUT), 582_080),
         (from_params(ModelConfig, patch_size=4, **INPUT), 608_384),
-        # Actions through an MLP (2 -> 128 -> 128) and a 128 x 128 map per layer instead of one 2 -> 128 map:
-        # + (2 * 128 + 128) + (128 * 128 + 128) + 2 * (128 * 128 + 128) - (2 * 128 + 128) = + 49,536.
-        (from_params(ModelConfig, patch_size=2, layers=2, action_conditioning="blocks"), 631_616),
+        # Actions through an MLP (2 -> 128 -> 128) and a 128 x 128 map per layer instead of one 2 -> 128 map,
+        # and the unknown action's embedding: + (2 * 128 + 128) + (128 * 128 + 128) + 2 * (128 * 128 + 128)
+        # - (2 * 128 + 128) + 128 = + 49,664.
+        (from_params(ModelConfig, patch_size=2, layers=2, action_conditioning="blocks"), 631_744),
     ],
 )
 def test_parameter_counts_are_exact(model_config: ModelConfig, expected: int) -> None:
@@ -159,6 +160,40 @@ def test_a_checkpoint_from_before_action_conditioning_loads_as_input(tmp_path: P
     loaded, _ = load_model(tmp_path / "old.pt")
     tokens, actions = inputs(arch)
     assert loaded.arch.action_conditioning == "input"
+    assert torch.equal(loaded(tokens, actions)[0], model(tokens, actions)[0])
+
+
+@pytest.mark.parametrize("conditioning", ["input", "blocks"])
+def test_an_unknown_action_gets_the_unknown_embedding(conditioning: str) -> None:
+    """A NaN action is unknown: `blocks` gives its frame the learned unknown embedding (not a zero step's),
+    the recipe's `input` adds nothing; the other frames keep their actions' embeddings."""
+    arch = dataclasses.replace(TINY, action_conditioning=conditioning)
+    model = build_model(arch).eval()
+    _, actions = inputs(arch)
+    hidden = actions.clone()
+    hidden[:, 7] = float("nan")
+    with torch.no_grad():
+        if conditioning == "blocks":
+            model.unknown_action.normal_()
+        known, unknown = model.embed_actions(actions), model.embed_actions(hidden)
+        zero_step = model.embed_actions(torch.zeros_like(actions))
+    expected = model.unknown_action if conditioning == "blocks" else torch.zeros(arch.embed_dim)
+    assert torch.equal(unknown[:, 7, 0], expected.expand(len(actions), -1))
+    if conditioning == "blocks":  # the recipe's projection of a zero step is its bias, zero at initialisation
+        assert not torch.allclose(unknown[:, 7], zero_step[:, 7])
+    others = [frame for frame in range(arch.frames) if frame != 7]
+    assert torch.equal(unknown[:, others], known[:, others])
+    assert not torch.isnan(model(inputs(arch)[0], hidden)[0]).any()
+
+
+def test_a_checkpoint_from_before_the_unknown_action_loads_with_a_zero_one(tmp_path: Path) -> None:
+    model = build_model(TINY).eval()
+    weights = model.state_dict()
+    del weights["unknown_action"]
+    save_checkpoint(tmp_path / "old.pt", {"model": weights, "architecture": dataclasses.asdict(TINY)})
+    loaded, _ = load_model(tmp_path / "old.pt")
+    tokens, actions = inputs(TINY)
+    assert torch.equal(loaded.unknown_action, torch.zeros(TINY.embed_dim))
     assert torch.equal(loaded(tokens, actions)[0], model(tokens, actions)[0])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -21,6 +22,7 @@ from mnist_world.model.sampling import (
     point_prediction,
     predict_future,
     unmask,
+    warn_if_actions_never_hidden,
     warn_if_unguided,
 )
 
@@ -224,6 +226,73 @@ def test_guidance_uses_the_frames_alone_with_the_identity_mask(model, batch):
     assert counting.unconditional == [(FRAMES - PAST, None, PAST)] * 5  # no cache, placed after the past
     assert not torch.equal(guided, run(model, batch, from_params(SampleConfig, **sampler)))
     torch.testing.assert_close(guide(torch.tensor([1.0]), torch.tensor([0.25]), 2.0), torch.tensor([2.5]))
+
+
+class RecordingModel:
+    """Wraps the model and records the rows and actions of every call."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __call__(self, tokens, actions, temporal_mask=None, cache=None, start_frame=None):
+        self.calls.append((tokens.clone(), actions.clone()))
+        return self.model(tokens, actions, temporal_mask, cache=cache, start_frame=start_frame)
+
+
+def test_action_guidance_zero_runs_each_sequence_once_with_its_actions(model, batch):
+    recording = RecordingModel(model)
+    plain = run(recording, batch, from_params(SampleConfig, steps=4, action_guidance=0.0))
+    assert all(len(tokens) == 3 and not actions.isnan().any() for tokens, actions in recording.calls)
+    assert torch.equal(plain, run(model, batch, from_params(SampleConfig, steps=4)))
+
+
+@pytest.mark.parametrize("mode", ["joint", "autoregressive"])
+def test_action_guidance_contrasts_each_sequence_with_itself_without_actions(model, batch, mode):
+    """Every call holds each sequence twice, the second time with every action unknown; the sample is the one
+    drawn from guide(logits with the actions, logits without, weight), computed here without any cache."""
+    tokens, actions = batch
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # an unknown action far from any known one: guidance then shows in the samples
+        model.unknown_action.normal_(std=3.0)
+    config = from_params(SampleConfig, steps=4, mode=mode, action_guidance=1.5)
+    recording = RecordingModel(model)
+    guided = run(recording, batch, config)
+    for rows, row_actions in recording.calls:
+        assert torch.equal(rows[:3], rows[3:])
+        assert not row_actions[:3].isnan().any() and row_actions[3:].isnan().all()
+
+    unknown = torch.full_like(actions, float("nan"))
+    generator = new_generator(0, "cpu")
+    decoded = tokens[:, :PAST]
+    for first, count in [(0, FRAMES - PAST)] if mode == "joint" else [(f, 1) for f in range(FRAMES - PAST)]:
+        end = PAST + first + count
+
+        def logits_of(future, decoded=decoded, end=end):
+            whole = torch.cat([decoded, future], dim=1)
+            with_actions = model(whole, actions[:, :end], causal_mask(end))[0][:, -future.shape[1] :]
+            without = model(whole, unknown[:, :end], causal_mask(end))[0][:, -future.shape[1] :]
+            return guide(with_actions, without, 1.5)
+
+        blank = torch.full((3, count, SIZE, SIZE), MASK)
+        with torch.no_grad():
+            frames = unmask(
+                logits_of, blank, MASK, 4, config.temperature, generator,
+                choice_temperature=config.choice_temperature,
+            )  # fmt: skip
+        decoded = torch.cat([decoded, frames], dim=1)
+    assert torch.equal(guided, decoded[:, PAST:])
+    assert not torch.equal(guided, run(model, batch, from_params(SampleConfig, steps=4, mode=mode)))
+
+
+def test_action_guidance_warns_for_a_model_never_shown_an_unknown_action():
+    with pytest.warns(UserWarning, match="action_dropout"):
+        assert warn_if_actions_never_hidden(2.0, {"action_dropout": 0.0})
+    with pytest.warns(UserWarning, match="action_dropout"):
+        assert warn_if_actions_never_hidden(2.0, {})  # a checkpoint from before it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_if_actions_never_hidden(2.0, {"action_dropout": 0.1}) is None
+        assert warn_if_actions_never_hidden(0.0, {"action_dropout": 0.0}) is None
 
 
 def test_guidance_warns_without_the_individual_objective():

@@ -117,8 +117,10 @@ def test_the_script_dreams_and_reports(tiny_run: Path) -> None:
 
 def test_the_playground_dreams_with_the_params_sampler() -> None:
     """Every sampler setting of params.yaml reaches the playground (a dropped one would fall to a default)."""
-    sample = from_params(SampleConfig, steps=7, temperature=0.9, guidance=0.5, choice_temperature=123.0)
+    sample = from_params(
+        SampleConfig, steps=7, temperature=0.9, guidance=0.5, choice_temperature=123.0, action_guidance=2.5
+    )
     settings = SamplerSettings.from_config(sample)
     assert (settings.steps, settings.temperature, settings.guidance) == (7, 0.9, 0.5)
-    assert settings.choice_temperature == 123.0
+    assert (settings.choice_temperature, settings.action_guidance) == (123.0, 2.5)
     assert SamplerSettings.from_config(sample, steps=3).steps == 3

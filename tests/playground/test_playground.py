@@ -28,14 +28,14 @@ from conftest import from_params, params_section, tiny_architecture
 from typer.testing import CliRunner
 
 from mnist_world.actions.ego import actions_from_centres, ego_centres
-from mnist_world.config import DataConfig, as_dict
+from mnist_world.config import DataConfig, SampleConfig, as_dict
 from mnist_world.core.store import create_store, write_sequences
 from mnist_world.data.frames import downsample
 from mnist_world.data.sources import generate_sequences
 from mnist_world.data.tokens import quantize, token_attributes
 from mnist_world.model.checkpoint import save_checkpoint
 from mnist_world.model.network import Architecture, build_model
-from mnist_world.model.sampling import Context, new_generator
+from mnist_world.model.sampling import Context, new_generator, predict_future
 from mnist_world.playground.cli import app, gif_frames
 from mnist_world.playground.dreamer import Dreamer, SamplerSettings
 from mnist_world.playground.guard import Limits
@@ -297,6 +297,30 @@ def test_after_a_slide_the_cached_context_predicts_what_the_window_alone_does(wo
     torch.testing.assert_close(cached, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_guided_by_the_actions_the_dreamer_dreams_what_the_sampler_does(world, data):
+    """Frame by frame under the true actions, with action guidance (the context held twice, once without
+    actions), the playground's frames are the evaluation sampler's; guidance switched on mid-run keeps
+    every frame of the context."""
+    sequence = data.sequence(data.rows.start + 2)
+    tokens, actions = torch.from_numpy(sequence.tokens).long(), torch.from_numpy(sequence.actions)
+    settings = dataclasses.replace(SAMPLER, action_guidance=2.0, choice_temperature=1000.0)
+    dreamer = Dreamer(world.model, tokens[:PAST], actions[:PAST], keep=PAST)
+    generator = new_generator(3, "cpu")
+    dreamed = [dreamer.next_frame(actions[frame], settings, generator) for frame in range(PAST, FRAMES)]
+    sampler = {"steps": 3, "temperature": 1.0, "choice_temperature": 1000.0, "guidance": 0.0}
+    config = from_params(SampleConfig, mode="autoregressive", action_guidance=2.0, **sampler)
+    expected = predict_future(
+        world.model, tokens[None, :PAST], actions[None, :FRAMES], config, mask_id=LEVELS,
+        generator=new_generator(3, "cpu"),
+    )  # fmt: skip
+    assert torch.equal(torch.stack(dreamed), expected[0])
+
+    plain = Dreamer(world.model, tokens[:PAST], actions[:PAST], keep=PAST)
+    plain.next_frame(actions[PAST], SAMPLER, generator)
+    plain.next_frame(actions[PAST + 1], settings, generator)
+    assert plain.context_frames == PAST + 2 and plain.context.twinned
+
+
 def test_keep_must_leave_room_for_a_new_frame(world, data):
     sequence = data.sequence(data.rows.start)
     tokens, actions = torch.from_numpy(sequence.tokens[:PAST]), torch.from_numpy(sequence.actions[:PAST])
@@ -419,15 +443,20 @@ def stores_arguments(root: Path) -> list[str]:
 
 
 def test_replay_reproduces_a_sessions_frames_and_its_gif(world):
-    # A choice temperature other than the default changes the frames: the recording must carry it.
-    session = Session(world, 8, seed=4, settings=dataclasses.replace(SAMPLER, choice_temperature=4.5))
+    # A choice temperature and action guidance other than the defaults change the frames: the recording
+    # must carry them.
+    settings = dataclasses.replace(SAMPLER, choice_temperature=4.5, action_guidance=1.5)
+    session = Session(world, 8, seed=4, settings=settings)
     steps_of(session, MOVES, temperature=0.8)
     payload = json.loads(json.dumps(Recording.of(session).to_json()))
+    assert payload["action_guidance"] == 1.5
     again = replay(Recording.from_json(payload), world)
     np.testing.assert_array_equal(np.stack(again.frames), np.stack(session.frames))
     assert animation_gif(again) == animation_gif(session)
     del payload["choice_temperature"]  # a recording made before the setting existed: MaskGIT's 1
-    assert Recording.from_json(payload).choice_temperature == 1.0
+    del payload["action_guidance"]  # ... or before action guidance: none
+    older = Recording.from_json(payload)
+    assert (older.choice_temperature, older.action_guidance) == (1.0, 0.0)
 
 
 def test_a_recording_in_another_format_is_refused():
@@ -462,6 +491,7 @@ def test_config_names_the_defaults_without_loading_anything(base, root):
         "steps": SAMPLER.steps,
         "temperature": 1.0,
         "guidance": 0.0,
+        "action_guidance": 0.0,
     }
 
 

@@ -129,6 +129,17 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch() -> None:
     assert loss().item() < before.item() - 1e-3
 
 
+def test_hidden_actions_train_the_unknown_action(tmp_path: Path) -> None:
+    """With train.action_dropout the unknown action's embedding learns (what action guidance contrasts
+    with); without it no gradient reaches it and it stays at zero."""
+    hiding = dataclasses.replace(CONFIG, action_dropout=0.5)
+    run(tmp_path / "hiding", hiding, params=run_params(MODEL, hiding, SPLIT))
+    run(tmp_path / "showing")
+    learned = load_checkpoint(tmp_path / "hiding" / "models" / "last.pt")["model"]["unknown_action"]
+    untouched = load_checkpoint(tmp_path / "showing" / "models" / "last.pt")["model"]["unknown_action"]
+    assert learned.abs().sum() > 0 and not untouched.any()
+
+
 def test_precision_and_random_state_helpers() -> None:
     assert autocast_dtype("fp32", torch.device("cpu")) is None
     assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
@@ -284,7 +295,7 @@ def test_a_damaged_last_checkpoint_fails_naming_the_file(tmp_path: Path, damage:
 
 def test_a_non_finite_loss_stops_naming_epoch_and_step(tmp_path: Path) -> None:
     tokens, actions = sequences(24)
-    actions[:] = float("nan")
+    actions[:] = float("inf")  # (NaN would be an unknown action)
     with pytest.raises(DivergenceError, match="epoch 1, step 1"):
         train(CONFIG, ARCH, (tokens, actions), sequences(8), tmp_path / "models", None, {}, progress=False)
     assert not (tmp_path / "models" / "last.pt").exists()

@@ -163,6 +163,7 @@ class TrainConfig:
     objectives: dict[Text, Number]
     mask_schedule: typing.Literal["uniform", "cosine"]
     noise_eta: Number  # CoPilot4D: replace up to this share of the unmasked tokens with random ones
+    action_dropout: Number  # share of training sequences whose actions are hidden (action guidance needs it)
     label_smoothing: Number
     checkpoint_every: Integer
     log_every: Integer  # training steps between logged loss values
@@ -206,6 +207,7 @@ class TrainConfig:
             f"train.objectives: weights must sum to 1, got {sum(self.objectives.values()):g}",
         )
         require(0 <= self.noise_eta < 1, "train.noise_eta: must be in [0, 1)")
+        require(0 <= self.action_dropout < 1, "train.action_dropout: must be in [0, 1)")
         require(0 <= self.label_smoothing < 1, "train.label_smoothing: must be in [0, 1)")
         require(self.checkpoint_every >= 1, "train.checkpoint_every: must be at least 1")
         require(self.nproc >= 1, "train.nproc: must be at least 1")
@@ -214,13 +216,15 @@ class TrainConfig:
 
 @section("sample")
 class SampleConfig:
-    """Iterative unmasking: steps, order, temperature and classifier-free guidance."""
+    """Iterative unmasking: steps, order, temperature and classifier-free guidance (on the past, on the
+    actions)."""
 
     steps: Integer
     mode: typing.Literal["joint", "autoregressive"]
     temperature: Number
     choice_temperature: Number  # scale of the Gumbel noise on the confidences (MaskGIT; CoPilot4D: 4.5)
     guidance: Number
+    action_guidance: Number
     seed: Integer
 
     @model_validator(mode="after")
@@ -229,6 +233,7 @@ class SampleConfig:
         require(self.temperature >= 0, "sample.temperature: must not be negative")
         require(self.choice_temperature >= 0, "sample.choice_temperature: must not be negative")
         require(self.guidance >= 0, "sample.guidance: must not be negative")
+        require(self.action_guidance >= 0, "sample.action_guidance: must not be negative")
         return self
 
 

@@ -47,6 +47,7 @@ from mnist_world.model.sampling import (
     new_generator,
     point_prediction,
     predict_future,
+    warn_if_actions_never_hidden,
     warn_if_unguided,
 )
 
@@ -153,7 +154,9 @@ def evaluate(
     """
     checkpoint, device = Path(checkpoint), torch.device(device)
     model, payload = load_model(checkpoint, device)
-    warn_if_unguided(sample.guidance, payload.get("params", {}).get("train", {}).get("objectives"))
+    trained = payload.get("params", {}).get("train", {})
+    warn_if_unguided(sample.guidance, trained.get("objectives"))
+    warn_if_actions_never_hidden(sample.action_guidance, trained)
     stores = Stores(Path(tokens_path), Path(frames_path), Path(actions_path), model, decode)
     run = Run.from_checkpoint(checkpoint, payload, *stores.tokens.shape[:2], evaluation, test_sequences)
     validation = stores.frames[run.validation.start : run.validation.stop]

@@ -142,6 +142,14 @@ def _check_weights(path: str | Path, weights: Any) -> None:
             raise CheckpointError(f"{path}: weight '{name}' holds NaN or infinite values; {REMEDY}")
 
 
+def with_unknown_action(weights: dict[str, Any], model: WorldModel) -> dict[str, Any]:
+    """`weights` with the model's (zero) unknown-action embedding where the checkpoint predates it: such a
+    model was never shown an unknown action, and action guidance warns about it (`train.action_dropout`)."""
+    if "unknown_action" in weights or not hasattr(model, "unknown_action"):
+        return weights
+    return {**weights, "unknown_action": torch.zeros_like(model.unknown_action)}
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[WorldModel, dict[str, Any]]:
     """Rebuild the model from the checkpoint alone (its stored architecture) and load its weights, which must
     be finite (a model with NaN weights would only score NaN)."""
@@ -150,7 +158,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Wo
     try:
         # Checkpoints written before model.action_conditioning existed embedded actions at the input.
         model = build_model(Architecture(**{"action_conditioning": "input", **payload["architecture"]}))
-        model.load_state_dict(payload["model"])
+        model.load_state_dict(with_unknown_action(payload["model"], model))
     except (TypeError, ValueError, RuntimeError, KeyError) as error:  # ValueError: ConfigError
         first_line = str(error).strip().splitlines()[0]
         raise CheckpointError(

@@ -110,6 +110,16 @@ def make_batch(
     return MaskedBatch(inputs=inputs, loss_mask=loss_mask, temporal_mask=temporal_mask)
 
 
+def hide_actions(actions: Tensor, share: float, generator: torch.Generator) -> Tensor:
+    """`actions` (B, T, 2) with every action of a sequence unknown (NaN) with probability `share`: the model
+    also learns to dream without them, which classifier-free guidance on the actions contrasts with. Draws
+    nothing when `share` is 0."""
+    if share == 0:
+        return actions
+    hidden = torch.rand((actions.shape[0], 1, 1), generator=generator, device=generator.device) < share
+    return actions.masked_fill(hidden, math.nan)
+
+
 def choose_objectives(config: TrainConfig, count: int, generator: torch.Generator) -> list[str]:
     """`count` objectives drawn independently by their weights (one per batch)."""
     names = sorted(config.objectives)  # sorted: the draw must not depend on the order of params.yaml

@@ -275,6 +275,9 @@ class WorldModel(nn.Module):
                 nn.Linear(arch.action_dim, dim), nn.GELU(), nn.Linear(dim, dim)
             )
             self.action_to_block = nn.ModuleList(nn.Linear(dim, dim) for _ in range(arch.layers))
+            # A frame whose action is unknown (NaN: hidden in training, left out by action guidance) gets
+            # this embedding instead of its action's. (The recipe's input conditioning adds nothing then.)
+            self.unknown_action = nn.Parameter(torch.zeros(dim))
         self.spatial_position = nn.Parameter(torch.zeros(arch.positions_per_frame, dim))
         self.temporal_position = nn.Parameter(torch.zeros(arch.frames, dim))
         self.embedding_dropout = Dropout(arch.dropout)
@@ -309,7 +312,7 @@ class WorldModel(nn.Module):
     ) -> tuple[Tensor, FrameCache]:
         """Logits for every token of `tokens`, and the cache extended with these frames.
 
-        tokens: (B, T, H, W) ids in [0, levels] (levels = mask); actions: (B, T, 2).
+        tokens: (B, T, H, W) ids in [0, levels] (levels = mask); actions: (B, T, 2), NaN where unknown.
         temporal_mask: (T, P + T) bool, True where frame i may attend to frame j, P = frames in `cache`;
         None attends everywhere. `start_frame` places the frames in time (default: right after the cache).
         Returns logits (B, T, H, W, levels) and the per-layer keys/values of the cache plus these frames.
@@ -342,13 +345,16 @@ class WorldModel(nn.Module):
         return logits, new_cache
 
     def embed_actions(self, actions: Tensor) -> Tensor:
-        """Actions (B, T, 2) as one embedding per frame (B, T, 1, D), broadcast over its positions."""
+        """Actions (B, T, 2) as one embedding per frame (B, T, 1, D), broadcast over its positions; a frame
+        whose action has a NaN gets the learned unknown action."""
+        known = ~actions.isnan().any(dim=-1, keepdim=True)  # (B, T, 1)
+        actions = actions.nan_to_num(0.0)
         if self.arch.action_conditioning == "input":
-            return self.action_projection(actions)[:, :, None, :]
+            return torch.where(known, self.action_projection(actions), 0.0)[:, :, None, :]
         # Actions are steps over half the frame (|a| ~ 0.07 at 16x16): in token pixels they are of order 1,
         # the scale an MLP reads without first growing its weights tenfold.
-        steps = actions * (self.arch.frame_size / 2)
-        return self.action_embedding(steps)[:, :, None, :]
+        embedded = self.action_embedding(actions * (self.arch.frame_size / 2))  # (B, T, D)
+        return torch.where(known, embedded, self.unknown_action)[:, :, None, :]  # (B, T, 1, D)
 
 
 def build_model(arch: Architecture | dict[str, Any]) -> WorldModel:

@@ -68,6 +68,21 @@ def guide(conditional: Tensor, unconditional: Tensor, weight: float) -> Tensor:
     return conditional + weight * (conditional - unconditional)
 
 
+def warn_if_actions_never_hidden(action_guidance: float, train: Mapping[str, object] | None) -> str | None:
+    """Warn (and return the message) when action guidance is asked of a model that never saw an unknown
+    action (`train.action_dropout` 0, or a checkpoint from before it): its action-free logits are untrained.
+    `train` is the checkpoint's train params."""
+    dropout = float((train or {}).get("action_dropout", 0.0) or 0.0)  # type: ignore[arg-type]
+    if action_guidance <= 0 or dropout > 0:
+        return None
+    message = (
+        f"sample.action_guidance={action_guidance:g} but the checkpoint was trained with every action shown "
+        f"(train.action_dropout=0): its logits without actions are untrained"
+    )
+    warnings.warn(message, stacklevel=2)
+    return message
+
+
 def warn_if_unguided(guidance: float, objectives: Mapping[str, float] | None) -> str | None:
     """Warn (and return the message) when guidance is asked of a model never trained on single frames.
 
@@ -94,48 +109,87 @@ class Context:
     Cached: their temporal keys/values are computed once and each decoding pass runs on the new frames alone.
     Uncached: every pass runs the model on context plus new frames and keeps the new frames' logits: the
     reference the cache must match, and the baseline of the caching benchmark.
+    Twinned (for action guidance): every sequence is held twice, the second time with every action unknown
+    (NaN), in one batch of 2B rows; the methods take and give the B sequences' frames and the 2B rows' logits.
     """
 
-    tokens: Tensor  # (B, C, H, W) fixed frames, C = 0 for unconditional generation
-    actions: Tensor  # (B, T, 2) actions of every frame, context and frames to decode
+    tokens: Tensor  # (R, C, H, W) fixed frames, C = 0 for unconditional generation; R = B, or 2B if twinned
+    actions: Tensor  # (R, T, 2) actions of every frame, context and frames to decode
     cached: bool
     cache: FrameCache | None = None  # per-layer keys/values of `tokens`; None when uncached or C = 0
+    twinned: bool = False
 
     @property
     def frames(self) -> int:
         return self.tokens.shape[1]
 
     @classmethod
-    def encode(cls, model: Model, past: Tensor, actions: Tensor, cached: bool = True) -> Context:
+    def encode(
+        cls, model: Model, past: Tensor, actions: Tensor, cached: bool = True, twinned: bool = False
+    ) -> Context:
         """Context of the past frames (B, P, H, W) under actions (B, T, 2) of all T frames."""
+        if twinned:
+            past = torch.cat([past, past])  # (2B, P, H, W)
+            actions = torch.cat([actions, torch.full_like(actions, math.nan)])  # (2B, T, 2)
         frames = past.shape[1]
         cache = None
         if cached and frames > 0:
             _, cache = model(past, actions[:, :frames], causal_mask(frames, device=past.device))
-        return cls(tokens=past, actions=actions, cached=cached, cache=cache)
+        return cls(tokens=past, actions=actions, cached=cached, cache=cache, twinned=twinned)
+
+    def rows(self, tokens: Tensor) -> Tensor:
+        """The B sequences' `tokens` (B, ...) as the context's rows (R, ...)."""
+        return torch.cat([tokens, tokens]) if self.twinned else tokens
+
+    def latest(self, count: int) -> tuple[Tensor, Tensor]:
+        """The newest `count` frames of the B sequences (B, count, H, W) and their actions (B, count, 2)."""
+        batch = self.tokens.shape[0] // (2 if self.twinned else 1)
+        frames = self.frames
+        return self.tokens[:batch, frames - count : frames], self.actions[:batch, frames - count : frames]
+
+    def with_next_action(self, action: Tensor) -> Context:
+        """The context with the next frame's action (B, 2) after its frames' (the twin's unknown)."""
+        action = self.rows(action.float())[:, None, :]  # (R, 1, 2)
+        if self.twinned:
+            action[action.shape[0] // 2 :] = math.nan
+        return dataclasses.replace(self, actions=torch.cat([self.actions[:, : self.frames], action], dim=1))
 
     def logits(self, model: Model, tokens: Tensor) -> Tensor:
-        """(B, F, H, W, V) logits of `tokens` (B, F, H, W), the F frames right after the context, causally."""
+        """(R, F, H, W, V) logits of `tokens` (B, F, H, W), the F frames right after the context, causally."""
         context, frames = self.frames, tokens.shape[1]
+        tokens = self.rows(tokens)
         if self.cached or context == 0:
             mask = causal_mask(frames, past=context, device=tokens.device)
             logits, _ = model(tokens, self.actions[:, context : context + frames], mask, cache=self.cache)
             return logits
-        whole = torch.cat([self.tokens, tokens], dim=1)  # (B, C + F, H, W)
+        whole = torch.cat([self.tokens, tokens], dim=1)  # (R, C + F, H, W)
         mask = causal_mask(context + frames, device=tokens.device)
         logits, _ = model(whole, self.actions[:, : context + frames], mask)
         return logits[:, context:]
 
     def unconditional_logits(self, model: Model, tokens: Tensor) -> Tensor:
-        """(B, F, H, W, V) logits of each frame of `tokens` seeing only itself (identity mask), no context."""
+        """(R, F, H, W, V) logits of each frame of `tokens` (B, F, H, W) seeing only itself, no context."""
         context, frames = self.frames, tokens.shape[1]
         mask = identity_mask(frames, device=tokens.device)
-        logits, _ = model(tokens, self.actions[:, context : context + frames], mask, start_frame=context)
+        actions = self.actions[:, context : context + frames]
+        logits, _ = model(self.rows(tokens), actions, mask, start_frame=context)
+        return logits
+
+    def guided_logits(self, model: Model, tokens: Tensor, guidance: float, action_guidance: float) -> Tensor:
+        """(B, F, H, W, V) logits of `tokens` (B, F, H, W) as the sampler draws from them: guided away from
+        the frames alone (`guidance`) and, when twinned, from the twin without actions (`action_guidance`)."""
+        logits = self.logits(model, tokens)
+        if guidance != 0:
+            logits = guide(logits, self.unconditional_logits(model, tokens), guidance)
+        if self.twinned:
+            with_actions, without_actions = logits.chunk(2)
+            logits = guide(with_actions, without_actions, action_guidance)
         return logits
 
     def append(self, model: Model, tokens: Tensor) -> Context:
         """The context extended with the decoded frames `tokens` (B, F, H, W)."""
         context, frames = self.frames, tokens.shape[1]
+        tokens = self.rows(tokens)
         cache = self.cache
         if self.cached:
             mask = causal_mask(frames, past=context, device=tokens.device)
@@ -218,14 +272,11 @@ def predict_future(
     if future < 1:
         raise ValueError(f"nothing to decode: {past.shape[1]} past frames of {frames}")
     height, width = past.shape[2:]  # an empty past (B, 0, H, W) still says the frame size
-    context = Context.encode(model, past, actions, cached)
+    context = Context.encode(model, past, actions, cached, twinned=config.action_guidance > 0)
 
     def decode_frames(first: int, count: int) -> Tensor:
         def logits_of(tokens: Tensor) -> Tensor:
-            conditional = context.logits(model, tokens)
-            if config.guidance == 0:
-                return conditional
-            return guide(conditional, context.unconditional_logits(model, tokens), config.guidance)
+            return context.guided_logits(model, tokens, config.guidance, config.action_guidance)
 
         callback = None if on_step is None else (lambda step, tokens: on_step(first, step, tokens))
         blank = torch.full((batch, count, height, width), mask_id, dtype=torch.long, device=actions.device)
@@ -238,7 +289,7 @@ def predict_future(
         return decode_frames(0, future)
     for frame in range(future):
         context = context.append(model, decode_frames(frame, 1))
-    return context.tokens[:, -future:]
+    return context.latest(future)[0]
 
 
 @torch.no_grad()

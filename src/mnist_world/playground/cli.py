@@ -75,6 +75,9 @@ def play(
         float | None, typer.Option(min=0, help="Initial temperature [sample.temperature].")
     ] = None,
     guidance: Annotated[float | None, typer.Option(min=0, help="Guidance weight [sample.guidance].")] = None,
+    action_guidance: Annotated[
+        float | None, typer.Option(min=0, help="Guidance weight on the actions [sample.action_guidance].")
+    ] = None,
     keep: Annotated[
         int | None, typer.Option(min=1, help="Frames kept when the context slides [past frames].")
     ] = None,
@@ -99,6 +102,7 @@ def play(
     data, token_config, sample = _params(params)
     try:
         given = {"steps": steps, "temperature": temperature, "guidance": guidance}
+        given["action_guidance"] = action_guidance
         sampler = SamplerSettings.from_config(sample, **{k: v for k, v in given.items() if v is not None})
         resolved = str(resolve_device(device))
     except ValueError as error:

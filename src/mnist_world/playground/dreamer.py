@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from mnist_world.config import SampleConfig
-from mnist_world.model.sampling import Context, guide, unmask
+from mnist_world.model.sampling import Context, unmask
 from mnist_world.playground.world import Model
 
 # Called after each unmasking iteration with (iteration 1..K, the logits (H, W, V) the iteration sampled from,
@@ -32,16 +32,18 @@ class SamplerSettings:
     temperature: float = 1.0
     guidance: float = 0.0
     choice_temperature: float = 1.0  # sampling.unmask's
+    action_guidance: float = 0.0
 
     @classmethod
     def from_config(cls, sample: SampleConfig, **changes: float) -> SamplerSettings:
         """The params' `sample` section as the playground dreams with it (always frame by frame), `changes`
-        (steps, temperature, guidance) on top."""
+        (steps, temperature, guidance, action_guidance) on top."""
         values = {
             "steps": sample.steps,
             "temperature": sample.temperature,
             "guidance": sample.guidance,
             "choice_temperature": sample.choice_temperature,
+            "action_guidance": sample.action_guidance,
         }
         return cls(**{**values, **changes})
 
@@ -52,6 +54,8 @@ class SamplerSettings:
             raise ValueError(f"temperature must not be negative, got {self.temperature}")
         if self.guidance < 0:
             raise ValueError(f"guidance must not be negative, got {self.guidance}")
+        if self.action_guidance < 0:
+            raise ValueError(f"action guidance must not be negative, got {self.action_guidance}")
         if self.choice_temperature < 0:
             raise ValueError(f"choice temperature must not be negative, got {self.choice_temperature}")
 
@@ -86,19 +90,16 @@ class Dreamer:
     ) -> Tensor:
         """Token ids (H, W) of the frame after the context, with the ego digit moved by `action` (2,).
         Watching the iterations draws no random numbers: the frame is the same with or without it."""
-        if self.context.frames == self.window:
-            kept = self.context.tokens[:, -self.keep :], self.context.actions[:, -self.keep :]
-            self.context = Context.encode(self.model, *kept)
-        frames = self.context.frames
-        actions = torch.cat([self.context.actions[:, :frames], action.float().view(1, 1, 2)], dim=1)
-        context = dataclasses.replace(self.context, actions=actions)  # (1, C + 1, 2): the new frame's too
+        twinned = settings.action_guidance > 0  # the context held twice, the second time without actions
+        kept = self.keep if self.context.frames == self.window else self.context.frames
+        if kept != self.context.frames or self.context.twinned != twinned:
+            self.context = Context.encode(self.model, *self.context.latest(kept), twinned=twinned)
+        context = self.context.with_next_action(action.view(1, 2))  # the new frame's action too
 
         latest: list[Tensor] = []  # the logits of the iteration in progress, for `on_iteration`
 
         def logits_of(tokens: Tensor) -> Tensor:
-            logits = context.logits(self.model, tokens)
-            if settings.guidance != 0:
-                logits = guide(logits, context.unconditional_logits(self.model, tokens), settings.guidance)
+            logits = context.guided_logits(self.model, tokens, settings.guidance, settings.action_guidance)
             latest[:] = [logits]
             return logits
 
@@ -107,7 +108,7 @@ class Dreamer:
 
         height, width = context.tokens.shape[2:]
         mask_id = self.model.arch.mask_id
-        blank = torch.full((1, 1, height, width), mask_id, dtype=torch.long, device=actions.device)
+        blank = torch.full((1, 1, height, width), mask_id, dtype=torch.long, device=action.device)
         frame = unmask(
             logits_of, blank, mask_id, settings.steps, settings.temperature, generator,
             None if on_iteration is None else on_step, choice_temperature=settings.choice_temperature,

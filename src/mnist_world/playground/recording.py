@@ -51,6 +51,7 @@ class RecordingFile(Message):
     steps: Annotated[Int, Field(ge=1, le=MAX_STEPS)]
     guidance: Annotated[Number, Field(ge=0, le=MAX_TEMPERATURE)]
     choice_temperature: Annotated[Number, Field(ge=0, le=MAX_TEMPERATURE)] = 1.0  # older recordings: 1
+    action_guidance: Annotated[Number, Field(ge=0, le=MAX_TEMPERATURE)] = 0.0  # older recordings: none
     keep: Annotated[Int, Field(ge=1, le=MAX_STEPS)]
     frames: Annotated[list[RecordedFrame], Field(max_length=MAX_FRAMES)]
 
@@ -65,6 +66,7 @@ class Recording:
     steps: int
     guidance: float
     choice_temperature: float
+    action_guidance: float
     keep: int
     frames: tuple[PlayedFrame, ...]
 
@@ -77,6 +79,7 @@ class Recording:
             steps=session.settings.steps,
             guidance=session.settings.guidance,
             choice_temperature=session.settings.choice_temperature,
+            action_guidance=session.settings.action_guidance,
             keep=session.keep,
             frames=tuple(session.played),
         )
@@ -109,7 +112,10 @@ class Recording:
 def replay(recording: Recording, world: World) -> Session:
     """Play the recorded actions again from the recorded start: the session holds the same frames."""
     settings = SamplerSettings(
-        steps=recording.steps, guidance=recording.guidance, choice_temperature=recording.choice_temperature
+        steps=recording.steps,
+        guidance=recording.guidance,
+        choice_temperature=recording.choice_temperature,
+        action_guidance=recording.action_guidance,
     )
     session = Session(world, recording.sequence, recording.seed, settings, keep=recording.keep)
     for frame in recording.frames:

@@ -166,6 +166,7 @@ class Playground:
             "steps": s.sampler.steps,
             "temperature": s.sampler.temperature,
             "guidance": s.sampler.guidance,
+            "action_guidance": s.sampler.action_guidance,
         }
 
     @property

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mnist_world.evaluation.action_following import Tracker
-from mnist_world.model.sampling import new_generator, warn_if_unguided
+from mnist_world.model.sampling import new_generator, warn_if_actions_never_hidden, warn_if_unguided
 from mnist_world.playground.dreamer import Dreamer, SamplerSettings
 from mnist_world.playground.protocol import StepRequest, encode_pixels, frame_message
 from mnist_world.playground.world import PlaygroundError, World
@@ -75,8 +75,12 @@ class Session:
         self.played: list[PlayedFrame] = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the note goes to the page instead
-            note = warn_if_unguided(settings.guidance, world.objectives)
-        self.notes = [note] if note else []
+            trained = {"action_dropout": world.action_dropout}
+            notes = [
+                warn_if_unguided(settings.guidance, world.objectives),
+                warn_if_actions_never_hidden(settings.action_guidance, trained),
+            ]
+        self.notes = [note for note in notes if note]
         levels = np.arange(world.arch.levels)
         self.intensities = torch.from_numpy(world.data.to_pixels(levels)).to(world.device)  # (levels,)
 
@@ -101,6 +105,7 @@ class Session:
             "checkpoint": self.world.checkpoint,
             "steps": self.settings.steps,
             "guidance": self.settings.guidance,
+            "action_guidance": self.settings.action_guidance,
             "window": self.world.arch.frames,
             "keep": self.keep,
             "frame_size": self.world.data.frame_size,

@@ -110,6 +110,7 @@ class World:
     checkpoint: str
     device: torch.device
     objectives: dict[str, float] | None = None  # what the checkpoint was trained on (guidance needs one)
+    action_dropout: float = 0.0  # its share of sequences trained without actions (action guidance needs it)
 
     @property
     def arch(self) -> Architecture:
@@ -144,4 +145,5 @@ def load_world(checkpoint: str | Path, data: ValidationData, device: str | torch
         raise PlaygroundError(f"{checkpoint}: the checkpoint's params lack train.past_frames")
     past = int(train["past_frames"])
     check_fit(model.arch, data, past, str(checkpoint))
-    return World(model, data, past, str(checkpoint), device, train.get("objectives"))
+    dropout = float(train.get("action_dropout", 0.0))
+    return World(model, data, past, str(checkpoint), device, train.get("objectives"), dropout)

@@ -119,5 +119,5 @@ def stop_if_diverged(first_bad_step: Tensor, epoch: int, process: Process) -> No
     if step != NO_BAD_STEP:
         raise DivergenceError(
             f"non-finite training loss at epoch {epoch}, step {step}: stopped without checkpointing these "
-            f"weights (lower train.lr, or check the data for NaN actions)"
+            f"weights (lower train.lr, or check the data for infinite actions)"
         )

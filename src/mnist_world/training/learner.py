@@ -15,7 +15,7 @@ from torch import Tensor
 from mnist_world.config import TrainConfig
 from mnist_world.core.devices import autocast
 from mnist_world.core.randomness import set_rng_state
-from mnist_world.model.masking import make_batch, masked_cross_entropy
+from mnist_world.model.masking import hide_actions, make_batch, masked_cross_entropy
 from mnist_world.model.network import Architecture, WorldModel
 
 
@@ -107,6 +107,7 @@ def train_step(
     """One optimizer step on a batch of tokens (B, T, H, W) int64 and actions (B, T, 2); returns the loss
     (detached, on the device: reading it would make a GPU wait)."""
     batch = make_batch(objective, tokens, config, learner.model.arch.levels, masks)
+    actions = hide_actions(actions, config.action_dropout, masks)
     with autocast(tokens.device, amp):
         logits, _ = net(batch.inputs, actions, batch.temporal_mask)  # (B, T, H, W, levels)
     loss, _, _ = masked_cross_entropy(logits, tokens, batch.loss_mask, config.label_smoothing)
