@@ -200,6 +200,10 @@ def test_training_writes_checkpoints_and_logs(tmp_path: Path) -> None:
     )
     model, best = load_model(models / "best.pt")
     assert model.arch == ARCH and best["metrics"]["val_loss"] == best["best_val_loss"]
+    provenance = payload["provenance"]  # where, when and how long: the run's record travels with it
+    assert provenance["machine"]["device"] == "cpu" and provenance["machine"]["cores"] == os.cpu_count()
+    assert provenance["machine"]["torch"] == torch.__version__ and provenance["date"].endswith("+00:00")
+    assert provenance["wall_seconds"] == pytest.approx(sum(r["seconds"] for r in payload["history"]))
 
     metrics = yaml.safe_load((reports / "metrics.json").read_text())
     per_step, per_epoch = ("loss", "lr"), ("val_loss", "val_accuracy", "val_point_mse", "val_point_vs_blank")

@@ -7,7 +7,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
+import platform
 import sys
+from pathlib import Path
 
 import torch
 
@@ -37,6 +40,29 @@ def cpu_has_native_bf16() -> bool:
     # backward runs 5x slower than fp32 (measured on the 2-core AMD EPYC this project is sized on).
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def processor_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), or what `platform` knows elsewhere."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(device: torch.device) -> dict[str, object]:
+    """What a run ran on, for its record: the device (a GPU by name), the CPU, its cores, whether it
+    computes bf16 natively, and the torch and Python versions."""
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "device": f"{device.type}: {gpu}" if gpu else device.type,
+        "processor": processor_name(),
+        "cores": os.cpu_count(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "torch": str(torch.__version__),  # a str subclass that weights_only loading refuses
+        "python": platform.python_version(),
+    }
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -6,6 +6,7 @@ itself, which the training loop, the learning curves and the throughput benchmar
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from mnist_world.config import TrainConfig
-from mnist_world.core.devices import autocast
+from mnist_world.core.devices import autocast, describe_machine
 from mnist_world.core.randomness import set_rng_state
 from mnist_world.model.masking import hide_actions, make_batch, masked_cross_entropy
 from mnist_world.model.network import Architecture, WorldModel
@@ -70,6 +71,12 @@ class Learner:
         return cls(model, optimizer, scheduler)
 
     def payload(self, expected: dict[str, Any], rng: list[dict[str, Any]]) -> dict[str, Any]:
+        device = next(self.model.parameters()).device
+        provenance = {  # where and when this checkpoint was made, and the run's wall time so far
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "machine": describe_machine(device),
+            "wall_seconds": sum(record.get("seconds", 0.0) for record in self.history),
+        }
         return {
             "model": self.model.state_dict(),
             **expected,  # architecture, params, data_fingerprint, vocabulary
@@ -82,6 +89,7 @@ class Learner:
             "history": self.history,
             "curve": self.curve,
             "metrics": self.history[-1],  # this epoch's (in best.pt: the best epoch's)
+            "provenance": provenance,
         }
 
     def restore(self, payload: dict[str, Any], rank: int) -> None:
