@@ -323,12 +323,14 @@ def test_unconditional_generation_decodes_every_frame(model, batch, mode):
 
 
 def oracle(truth):
-    """A model that knows the true frames (B, T, H, W): confident logits of the true token everywhere."""
+    """A model that knows the true frames (B, T, H, W): confident logits of the true token everywhere, with
+    or without the actions (the twins of action guidance get the same)."""
 
     def model(tokens, actions, temporal_mask=None, cache=None, start_frame=None):
         start = cache_frames(cache) if start_frame is None else start_frame
         frames = tokens.shape[1]
-        logits = 8.0 * torch.nn.functional.one_hot(truth[:, start : start + frames], LEVELS).float()
+        rows = truth.repeat(tokens.shape[0] // truth.shape[0], 1, 1, 1)  # (R, T, H, W)
+        logits = 8.0 * torch.nn.functional.one_hot(rows[:, start : start + frames], LEVELS).float()
         keys = torch.zeros(1, 1, start + frames, 1)  # a stand-in cache that only counts frames
         return logits, [(keys, keys)]
 
