@@ -231,7 +231,7 @@ def run(
         compile=compile_model,
         **{name: value for name, value in asked.items() if value is not None},
     )
-    sample = config.load("sample", params)
+    sample = recipe.section("sample", params, recipe_file, full)  # no guidance on actions it never hid
     evaluation = recipe.eval_config(params, full, recipe_file, batch_size=50, strips=3, generations=1)
     if eval_sequences is not None:
         evaluation = dataclasses.replace(evaluation, sequences=eval_sequences)

@@ -7,6 +7,14 @@ import pytest
 from mnist_world.core.atomic import interrupts_held
 
 
+@pytest.fixture(autouse=True)
+def python_handles_ctrl_c():
+    """Python's own SIGINT handler, whatever the test runner inherited (a background job ignores SIGINT)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_an_interrupt_during_the_block_is_raised_when_it_ends():
     finished = False
     with pytest.raises(KeyboardInterrupt), interrupts_held():

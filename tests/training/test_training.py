@@ -132,9 +132,9 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch() -> None:
 def test_hidden_actions_train_the_unknown_action(tmp_path: Path) -> None:
     """With train.action_dropout the unknown action's embedding learns (what action guidance contrasts
     with); without it no gradient reaches it and it stays at zero."""
-    hiding = dataclasses.replace(CONFIG, action_dropout=0.5)
+    hiding, showing = (dataclasses.replace(CONFIG, action_dropout=share) for share in (0.5, 0.0))
     run(tmp_path / "hiding", hiding, params=run_params(MODEL, hiding, SPLIT))
-    run(tmp_path / "showing")
+    run(tmp_path / "showing", showing, params=run_params(MODEL, showing, SPLIT))
     learned = load_checkpoint(tmp_path / "hiding" / "models" / "last.pt")["model"]["unknown_action"]
     untouched = load_checkpoint(tmp_path / "showing" / "models" / "last.pt")["model"]["unknown_action"]
     assert learned.abs().sum() > 0 and not untouched.any()
