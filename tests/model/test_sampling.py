@@ -286,13 +286,13 @@ def test_action_guidance_contrasts_each_sequence_with_itself_without_actions(mod
 
 def test_action_guidance_warns_for_a_model_never_shown_an_unknown_action():
     with pytest.warns(UserWarning, match="action_dropout"):
-        assert warn_if_actions_never_hidden(2.0, {"action_dropout": 0.0})
+        assert warn_if_actions_never_hidden(2.0, 0.0)
     with pytest.warns(UserWarning, match="action_dropout"):
-        assert warn_if_actions_never_hidden(2.0, {})  # a checkpoint from before it
+        assert warn_if_actions_never_hidden(2.0, None)  # a checkpoint from before it
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert warn_if_actions_never_hidden(2.0, {"action_dropout": 0.1}) is None
-        assert warn_if_actions_never_hidden(0.0, {"action_dropout": 0.0}) is None
+        assert warn_if_actions_never_hidden(2.0, 0.1) is None
+        assert warn_if_actions_never_hidden(0.0, 0.0) is None
 
 
 def test_guidance_warns_without_the_individual_objective():

@@ -156,7 +156,7 @@ def evaluate(
     model, payload = load_model(checkpoint, device)
     trained = payload.get("params", {}).get("train", {})
     warn_if_unguided(sample.guidance, trained.get("objectives"))
-    warn_if_actions_never_hidden(sample.action_guidance, trained)
+    warn_if_actions_never_hidden(sample.action_guidance, trained.get("action_dropout"))
     stores = Stores(Path(tokens_path), Path(frames_path), Path(actions_path), model, decode)
     run = Run.from_checkpoint(checkpoint, payload, *stores.tokens.shape[:2], evaluation, test_sequences)
     validation = stores.frames[run.validation.start : run.validation.stop]

@@ -68,12 +68,11 @@ def guide(conditional: Tensor, unconditional: Tensor, weight: float) -> Tensor:
     return conditional + weight * (conditional - unconditional)
 
 
-def warn_if_actions_never_hidden(action_guidance: float, train: Mapping[str, object] | None) -> str | None:
+def warn_if_actions_never_hidden(action_guidance: float, action_dropout: float | None) -> str | None:
     """Warn (and return the message) when action guidance is asked of a model that never saw an unknown
-    action (`train.action_dropout` 0, or a checkpoint from before it): its action-free logits are untrained.
-    `train` is the checkpoint's train params."""
-    dropout = float((train or {}).get("action_dropout", 0.0) or 0.0)  # type: ignore[arg-type]
-    if action_guidance <= 0 or dropout > 0:
+    action (its `train.action_dropout` 0, or None: a checkpoint from before it): its action-free logits are
+    untrained."""
+    if action_guidance <= 0 or (action_dropout or 0.0) > 0:
         return None
     message = (
         f"sample.action_guidance={action_guidance:g} but the checkpoint was trained with every action shown "

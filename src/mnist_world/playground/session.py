@@ -75,10 +75,9 @@ class Session:
         self.played: list[PlayedFrame] = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the note goes to the page instead
-            trained = {"action_dropout": world.action_dropout}
             notes = [
                 warn_if_unguided(settings.guidance, world.objectives),
-                warn_if_actions_never_hidden(settings.action_guidance, trained),
+                warn_if_actions_never_hidden(settings.action_guidance, world.action_dropout),
             ]
         self.notes = [note for note in notes if note]
         levels = np.arange(world.arch.levels)
