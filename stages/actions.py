@@ -13,7 +13,7 @@ import typer
 
 from mnist_world import cli, config
 from mnist_world.actions.ego import build_actions_store
-from mnist_world.core.atomic import check_writable, write_json
+from mnist_world.core.atomic import atomic_paths, check_writable, write_json
 from mnist_world.core.store import integer_attribute
 
 
@@ -40,10 +40,11 @@ def main(
     data = config.load("data", params)
     check_writable(output, report)
     frame_size = integer_attribute(tokens, "frame_size")
-    summary = build_actions_store(
-        raw, output, actions, frame_size, data.sequences_per_shard, progress=progress
-    )
-    write_json(report, summary)
+    with atomic_paths(output, report) as (store, summary_path):  # both replaced together, or neither
+        summary = build_actions_store(
+            raw, store, actions, frame_size, data.sequences_per_shard, progress=progress
+        )
+        write_json(summary_path, summary)
     line = f"{output}: actions from {summary['method']}"
     if summary["tracking_error_mean_px"] is not None:
         line += (

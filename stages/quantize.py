@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from mnist_world import cli, config
-from mnist_world.core.atomic import check_writable, write_json
+from mnist_world.core.atomic import atomic_paths, check_writable, write_json
 from mnist_world.data.tokens import build_token_store
 
 
@@ -33,10 +33,11 @@ def main(
     tokens = config.load("tokens", params)
     data = config.load("data", params)
     check_writable(output, report)
-    floor = build_token_store(
-        frames, output, tokens.levels, data.sequences_per_shard, data.train_sequences, progress=progress
-    )
-    write_json(report, floor)
+    with atomic_paths(output, report) as (store, summary_path):  # both replaced together, or neither
+        floor = build_token_store(
+            frames, store, tokens.levels, data.sequences_per_shard, data.train_sequences, progress=progress
+        )
+        write_json(summary_path, floor)
     mean, centre = floor["quantization"]["mean"], floor["quantization"]["centre"]
     typer.echo(
         f"{output}: {tokens.levels} levels, quantization floor MSE {mean['mse']:.3g} decoding to bin means "

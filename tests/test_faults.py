@@ -1039,6 +1039,108 @@ def test_evaluate_interrupted_at_any_point_leaves_all_old_or_all_new_reports(wor
     print(f"evaluate interrupted: {outcomes}")  # the fault table: pytest -rP
 
 
+def signalled_at_the_swap(workspace: Path, name: str, sent: int, target: str) -> subprocess.CompletedProcess:
+    """Run stage `name` with its renames patched to send it `sent` just before the one onto `target`: an
+    interrupt inside its swap, a moment of a millisecond that a delay rarely hits."""
+    script = str(ROOT / "stages" / f"{name}.py")
+    code = "\n".join([
+        "import os, runpy, sys",
+        "def signalling(rename):",
+        "    def rename_and_signal(source, target):",
+        f"        if os.path.abspath(target) == {str(workspace / target)!r}:",
+        f"            os.kill(os.getpid(), {int(sent)})",
+        "        rename(source, target)",
+        "    return rename_and_signal",
+        "os.replace, os.rename = signalling(os.replace), signalling(os.rename)",
+        f"sys.argv = [{script!r}, '--no-progress']",
+        f"runpy.run_path({script!r}, run_name='__main__')",
+    ])  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=workspace,
+        env=environment(workspace),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+# stage -> its two outputs, the sequences that make its writing last about a second, the stages that make
+# its new inputs
+TWO_OUTPUT_STAGES = {
+    "quantize": (("data/tokens.zarr", "reports/quantize.json"), 600, ("download", "downsample")),
+    "actions": (("data/actions.zarr", "reports/actions.json"), 60, ("download",)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TWO_OUTPUT_STAGES)
+def test_a_data_stage_interrupted_at_any_point_leaves_its_store_and_report_both_old_or_both_new(
+    workspace, tmp_path, name
+):
+    """SIGTERM and Ctrl-C from the moment quantize (actions) starts writing its store to after it swapped
+    the store and its report in: every time both are the old ones or both the new ones, no temporary is
+    left (neither the stage's nor its library's own inside it), and the line says which."""
+    outputs, sequences, inputs = TWO_OUTPUT_STAGES[name]
+    set_params(workspace, data__num_sequences=sequences)
+    for producer in inputs:  # new inputs: the stage's outputs change
+        assert stage(workspace, producer).returncode == 0
+    old = snapshot(workspace, *outputs)
+    kept = tmp_path / "old"
+    shutil.copytree(workspace / outputs[0], kept / outputs[0])
+    (kept / outputs[1]).parent.mkdir()
+    shutil.copy2(workspace / outputs[1], kept / outputs[1])
+    reference = tmp_path / "reference"
+    shutil.copytree(workspace, reference)
+    assert stage(reference, name).returncode == 0
+    new = snapshot(reference, *outputs)
+    assert outputs[1] in new and new != old
+    swapped = (
+        f"this run had put {outputs[0]}, {outputs[1]} in place, complete; any other output is as it was "
+        "before it"
+    )
+    store = workspace / outputs[0]
+    writing = f".*{store.name}.partial-*"  # the library's `..<store>.partial-<pid>.partial-<pid>` first
+    outcomes: dict[str, int] = {}
+    for attempt, delay in enumerate((0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0, 1.3)):
+        sent, status, words = INTERRUPTS[attempt % 2]
+        process = start_stage(workspace, name)
+        assert wait_for(lambda: list(store.parent.glob(writing)), process), "it wrote nothing"
+        time.sleep(delay)
+        if process.poll() is not None:  # it finished first
+            assert process.returncode == 0 and snapshot(workspace, *outputs) == new
+            outcome = "finished"
+        else:
+            process.send_signal(sent)
+            stdout, stderr = process.communicate(timeout=300)
+            result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+            if result.returncode == 0:  # the signal came as the finished stage was exiting: ignored
+                assert "Traceback" not in result.stderr and "error:" not in result.stderr, result.stderr
+                assert snapshot(workspace, *outputs) == new
+                outcome = f"{signal.Signals(sent).name}: after it finished"
+            else:
+                line = error_line(result, status)
+                state = "old" if snapshot(workspace, *outputs) == old else "new"
+                assert line == words + (UNCHANGED if state == "old" else swapped)
+                outcome = f"{signal.Signals(sent).name}: {state}"
+        assert snapshot(workspace, *outputs) in (old, new)
+        assert leftovers(workspace / "data") == [] and leftovers(workspace / "reports") == []
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        shutil.rmtree(store)
+        shutil.copytree(kept / outputs[0], store)
+        shutil.copy2(kept / outputs[1], workspace / outputs[1])
+    for sent, status, words in INTERRUPTS:  # and inside the swap, held until both are new
+        line = error_line(signalled_at_the_swap(workspace, name, sent, outputs[0]), status)
+        assert line == words + swapped and snapshot(workspace, *outputs) == new
+        assert leftovers(workspace / "data") == [] and leftovers(workspace / "reports") == []
+        outcome = f"{signal.Signals(sent).name} at the swap: new"
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        shutil.rmtree(store)
+        shutil.copytree(kept / outputs[0], store)
+        shutil.copy2(kept / outputs[1], workspace / outputs[1])
+    print(f"{name} interrupted: {outcomes}")  # the fault table: pytest -rP
+
+
 @pytest.mark.slow
 def test_a_damaged_chunk_among_many_is_one_line_with_nothing_after_it(workspace):
     """zarr decodes a shard's chunks as concurrent tasks on its own thread; when one chunk fails, the others

@@ -1,7 +1,8 @@
 """Atomic writes of every artifact: built at a temporary path beside its destination and renamed into place
-only when complete, several outputs of one folder replaced together; temporaries that killed writers left are
-cleaned, and a failed write is one line. Ctrl-C and SIGTERM wait while outputs are being swapped, and the
-process keeps a record of what it has put in place, so that an interrupt can say what is on disk.
+only when complete, several outputs (of one folder, or of several) replaced together; temporaries that killed
+writers left are cleaned, and a failed write is one line. Ctrl-C and SIGTERM wait while outputs are being
+swapped, and the process keeps a record of what it has put in place, so that an interrupt can say what is on
+disk.
 """
 
 from __future__ import annotations
@@ -39,14 +40,41 @@ _replaced: list[Path] = []  # the outputs this process has put in place, in orde
 
 
 def replaced() -> list[Path]:
-    """The outputs this process has put in place so far (atomic_path and replace_together), in order."""
+    """The outputs this process has put in place so far (atomic_path(s) and replace_together), in order."""
     return list(_replaced)
 
 
 def _record(path: Path) -> None:
-    # A write inside another write's temporary (a file of a folder being built) is not an output yet.
-    if not any(TEMPORARY.match(part) for part in path.parts[:-1]) and path not in _replaced:
+    # A write into another write's temporary (a file of a folder being built, or a library's own atomic
+    # write of the temporary that `atomic_paths` handed it) is not an output yet.
+    if not any(TEMPORARY.match(part) for part in path.parts) and path not in _replaced:
         _replaced.append(path)
+
+
+def _temporary(path: Path, kind: str = "partial") -> Path:
+    """This process's `.<name>.partial-<pid>` (or `.previous-<pid>`) beside `path`."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+
+
+def destination_of(path: str | Path) -> Path:
+    """The output that a temporary (or a temporary's temporary) is written for; else `path` itself."""
+    path = Path(path)
+    while (match := TEMPORARY.match(path.name)) and match.group(2) == "partial":
+        path = path.with_name(match.group(1))
+    return path
+
+
+def _nested_writers(name: str, target: str) -> list[int]:
+    """The pids in `name` when it is a temporary of a temporary (of ...) of `target`, outermost first; else
+    []. `..tokens.zarr.partial-7.partial-7` is what a library's own atomic write leaves when it writes the
+    temporary `.tokens.zarr.partial-7` that `atomic_paths` handed it."""
+    pids = []
+    while match := TEMPORARY.match(name):
+        pids.append(int(match.group(3)))
+        name = match.group(1)
+        if name == target:
+            return pids if len(pids) > 1 else []
+    return []
 
 
 @contextlib.contextmanager
@@ -132,11 +160,14 @@ def clean_stale_temporaries(path: str | Path) -> list[Path]:
     if not path.parent.is_dir():
         return []
     stale: dict[tuple[str, int], Path] = {}
+    handled = []
     for sibling in path.parent.iterdir():
         match = TEMPORARY.match(sibling.name)
         if match and match.group(1) == path.name and not process_alive(int(match.group(3))):
             stale[match.group(2), int(match.group(3))] = sibling
-    handled = []
+        elif (nested := _nested_writers(sibling.name, path.name)) and not any(map(process_alive, nested)):
+            _remove(sibling)  # a library's write into a killed writer's temporary: never a version of `path`
+            handled.append(sibling)
     for pid in sorted({pid for kind, pid in stale if kind == "partial"}):
         staging, previous = stale[("partial", pid)], stale.get(("previous", pid))
         if previous is not None and path.is_dir() and previous.is_dir() and staging.is_dir():
@@ -203,45 +234,87 @@ def check_writable(*paths: str | Path) -> None:
         raise WriteError(write_failure(path, OSError(code, os.strerror(code)), path.exists()))
 
 
+def _prepare(path: Path) -> bool:
+    """Make `path`'s folder and clear its temporaries (a killed writer's, this process's own); whether its
+    output existed, for the message of a failed write."""
+    existed = destination_of(path).exists()
+    temporary = _temporary(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(path)
+        for leftover in (temporary, _temporary(path, "previous")):
+            _remove(leftover)
+    except OSError as error:
+        if _is_write_error(error, temporary):
+            raise WriteError(write_failure(destination_of(path), error, existed)) from None
+        raise
+    return existed
+
+
+def _swap_in(paths: tuple[Path, ...], temporaries: tuple[Path, ...]) -> list[Path]:
+    """Rename each temporary onto its path; returns the old directories, set aside first (os.replace cannot
+    replace a non-empty directory), for the caller to remove. Only a kill -9 inside the second loop leaves
+    some outputs new and others old."""
+    set_aside = []
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            previous = _temporary(path, "previous")
+            path.rename(previous)
+            set_aside.append(previous)
+    for path, temporary in zip(paths, temporaries, strict=True):
+        os.replace(temporary, path)
+    return set_aside
+
+
+@contextlib.contextmanager
+def atomic_paths(*paths: str | Path) -> Iterator[tuple[Path, ...]]:
+    """Yield a temporary sibling of each of `paths` to write into; only when the block succeeds are they all
+    renamed onto `paths`, in one run of renames with Ctrl-C and SIGTERM held back, so that an interrupt
+    leaves all the old outputs or all the new ones (a kill -9 inside those renames can still leave a mix).
+
+    On an exception (or Ctrl-C) every temporary is removed and `paths` are untouched; a full disk or a
+    read-only folder raises WriteError naming the output. Temporaries that killed writers left are cleaned
+    first. A temporary may be handed to a function that writes it atomically itself (`write_json`,
+    `create_store`): its own temporary of the temporary is not recorded as an output.
+    """
+    destinations = tuple(map(Path, paths))
+    if len(set(destinations)) < len(destinations):
+        raise ValueError(f"atomic_paths: an output is named twice in {', '.join(map(str, paths))}")
+    existed = [_prepare(path) for path in destinations]
+    temporaries = tuple(map(_temporary, destinations))
+    try:
+        yield temporaries
+        for path, temporary in zip(destinations, temporaries, strict=True):
+            if not (temporary.exists() or temporary.is_symlink()):
+                raise ValueError(f"{destination_of(path)}: nothing was written to its temporary {temporary}")
+    except BaseException as error:
+        finish_pending_io()  # no write of the block may land after the temporaries are removed
+        for temporary in temporaries:
+            with contextlib.suppress(OSError):
+                _remove(temporary)
+        for path, temporary, old in zip(destinations, temporaries, existed, strict=True):
+            if _is_write_error(error, temporary):
+                raise WriteError(write_failure(destination_of(path), error, old)) from None  # type: ignore[arg-type]
+        raise
+    with interrupts_held():
+        set_aside = _swap_in(destinations, temporaries)
+        for path in destinations:
+            _record(path)
+        # Inside the hold: an interrupt here would leave a `.previous-<pid>` behind.
+        for previous in set_aside:
+            shutil.rmtree(previous)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write into; move it onto `path` only if the block succeeds.
 
     On an exception (or Ctrl-C) the temporary is removed and whatever stood at `path` is left untouched; a
     full disk or a read-only folder raises WriteError naming `path`. Temporaries that killed writers left
-    beside `path` are cleaned first.
+    beside `path` are cleaned first. `atomic_paths` with one path.
     """
-    path = Path(path)
-    existed = path.exists()
-    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_temporaries(path)
-        _remove(temporary)
-    except OSError as error:
-        if _is_write_error(error, temporary):
-            raise WriteError(write_failure(path, error, existed)) from None
-        raise
-    try:
+    with atomic_paths(path) as (temporary,):
         yield temporary
-    except BaseException as error:
-        finish_pending_io()  # no write of the block may land after the temporary is removed
-        with contextlib.suppress(OSError):
-            _remove(temporary)
-        if _is_write_error(error, temporary):
-            raise WriteError(write_failure(path, error, existed)) from None  # type: ignore[arg-type]
-        raise
-    with interrupts_held():
-        if path.is_dir() and not path.is_symlink():
-            # os.replace cannot replace a non-empty directory: move the old one aside first.
-            previous = path.with_name(f".{path.name}.previous-{os.getpid()}")
-            _remove(previous)
-            path.rename(previous)
-            temporary.rename(path)
-            shutil.rmtree(previous)
-        else:
-            os.replace(temporary, path)
-        _record(path)
 
 
 def _swap_entries(staging: Path, folder: Path, previous: Path) -> list[Path]:
@@ -271,8 +344,7 @@ def replace_together(folder: str | Path) -> Iterator[Path]:
     """
     folder = Path(folder)
     existed = folder.exists()
-    staging = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
-    previous = folder.with_name(f".{folder.name}.previous-{os.getpid()}")
+    staging, previous = _temporary(folder), _temporary(folder, "previous")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         clean_stale_temporaries(folder)
