@@ -93,10 +93,11 @@ def main(
     cpus: Annotated[
         str, typer.Option(help="CPUs the server is pinned to (taskset -c); '' for none.")
     ] = "0,1",
+    threads: Annotated[int, typer.Option(min=1, help="The server's torch threads (its --threads).")] = 1,
 ) -> None:
     script = Path(sys.executable).with_name("mnist-world")
     command = [str(script), "play", f"--checkpoint={checkpoint}", f"--tokens={tokens}", f"--frames={frames}"]
-    command += [f"--actions={actions}", f"--params={params}", "--port=0"]
+    command += [f"--actions={actions}", f"--params={params}", "--port=0", f"--threads={threads}"]
     if cpus and shutil.which("taskset"):
         command = ["taskset", "-c", cpus, *command]  # taskset execs the server: the same process id
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -135,7 +136,8 @@ def main(
 
     rates = [count / elapsed for count in counts]
     ordered = np.sort(latencies)
-    print(f"{clients} clients, {elapsed:.0f} s, one server on CPUs {cpus or 'any'}, {config['steps']} steps")
+    where = f"one server on CPUs {cpus or 'any'} with {threads} torch thread{'s' * (threads > 1)}"
+    print(f"{clients} clients, {elapsed:.0f} s, {where}, {config['steps']} steps")
     print(f"load average: {loads[0]:.1f} before, {loads[1]:.1f} after (the machine's, all its CPUs)")
     mean = statistics.mean(rates)
     print(f"frames/s per client: mean {mean:.2f}, min {min(rates):.2f}, max {max(rates):.2f}")

@@ -19,6 +19,7 @@ from mnist_world.model.network import (
     Dropout,
     build_model,
     cache_frames,
+    extend_cache,
     short_attention,
     written_out,
 )
@@ -210,14 +211,18 @@ def test_identity_mask_sees_one_frame() -> None:
 
 @pytest.mark.parametrize("arch", PATCHES, ids=PATCH_IDS)
 def test_cached_decoding_equals_uncached(arch: Architecture) -> None:
-    """Frames 10..19 decoded against a cache of frames 0..9 give the logits of one causal pass over 0..19."""
+    """Frames 10..19 decoded against a cache of frames 0..9 give the logits of one causal pass over 0..19, and
+    their keys/values, appended to the cache, those of the pass."""
     model = build_model(arch).eval()
     tokens, actions = inputs(arch)
-    full, _ = model(tokens, actions, causal_mask(20))
+    full, whole = model(tokens, actions, causal_mask(20))
     _, cache = model(tokens[:, :10], actions[:, :10], causal_mask(10))
-    future, extended = model(tokens[:, 10:], actions[:, 10:], causal_mask(10, past=10), cache=cache)
+    future, new = model(tokens[:, 10:], actions[:, 10:], causal_mask(10, past=10), cache=cache)
     torch.testing.assert_close(future, full[:, 10:], rtol=1e-5, atol=1e-5)
-    assert cache_frames(extended) == 20
+    assert cache_frames(new) == 10
+    for (keys, values), (all_keys, all_values) in zip(extend_cache(cache, new), whole, strict=True):
+        torch.testing.assert_close(keys, all_keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(values, all_values, rtol=1e-5, atol=1e-5)
 
 
 def test_frames_beyond_the_model_fail() -> None:
@@ -270,11 +275,11 @@ def test_training_in_bf16_on_a_cpu_writes_long_attention_out() -> None:
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 256, 32, generator=generator) for _ in range(3))
     leaves = [t.bfloat16().requires_grad_() for t in (q, k, v)]
-    assert written_out(leaves[0], leaves[1])
-    assert not written_out(leaves[0].detach(), leaves[1])  # inference
-    assert not written_out(q.requires_grad_(), k)  # fp32
+    assert written_out(leaves[0], 256)
+    assert not written_out(leaves[0].detach(), 256)  # inference
+    assert not written_out(q.requires_grad_(), 256)  # fp32
     huge = torch.zeros(1, 1, 1, 32, dtype=torch.bfloat16, requires_grad=True).expand(4096, 4, 1024, 32)
-    assert huge.shape[:-1].numel() * 1024 > WRITTEN_OUT_SCORES and not written_out(huge, huge)
+    assert huge.shape[:-1].numel() * 1024 > WRITTEN_OUT_SCORES and not written_out(huge, 1024)
 
     out = short_attention(*leaves)
     out.float().square().sum().backward()

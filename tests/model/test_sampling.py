@@ -11,10 +11,11 @@ import torch
 from conftest import from_params, tiny_architecture
 
 from mnist_world.config import SampleConfig
-from mnist_world.model.masking import causal_mask
+from mnist_world.model.masking import causal_mask, padded_causal_mask
 from mnist_world.model.network import build_model, cache_frames
 from mnist_world.model.sampling import (
     Context,
+    ContextBatch,
     generate,
     guide,
     masked_count,
@@ -149,6 +150,35 @@ def test_cached_and_uncached_contexts_give_the_same_logits(model, batch):
             rtol=1e-5,
             atol=1e-5,
         )
+
+
+@pytest.mark.parametrize("frames", [1, 2])
+def test_a_context_batch_gives_each_context_its_own_logits(model, batch, frames):
+    """Contexts of different lengths, twinned or not, decoded in one call: each gets the logits of its own
+    call, however long the others' caches (padding) and whichever rows come before it."""
+    tokens, actions = batch
+    state = tokens.clone()
+    state[:, :, ::2] = MASK
+    contexts = [
+        Context.encode(model, tokens[:1, :1], actions[:1], twinned=True),
+        Context.encode(model, tokens[1:, :PAST], actions[1:]),
+        Context.encode(model, tokens[:1, :2], actions[2:], twinned=True),
+    ]
+    news = [state[:1, 1 : 1 + frames], state[1:, PAST : PAST + frames], state[:1, 2 : 2 + frames]]
+    with torch.no_grad():
+        joined = ContextBatch.join(contexts)
+        assert joined.counts == (2, 2, 2) and joined.lengths.tolist() == [1, 1, 3, 3, 2, 2]
+        for context, new, logits in zip(contexts, news, joined.logits(model, news), strict=True):
+            torch.testing.assert_close(logits, context.logits(model, new), rtol=1e-5, atol=1e-5)
+
+
+def test_padded_causal_mask_hides_the_padding():
+    mask = padded_causal_mask(torch.tensor([1, 3]), padded=3, frames=2)
+    assert mask.tolist() == [
+        [[True, False, False, True, False], [True, False, False, True, True]],
+        [[True, True, True, True, False], [True, True, True, True, True]],
+    ]
+    assert torch.equal(padded_causal_mask(torch.tensor([3]), 3, 2)[0], causal_mask(2, past=3))
 
 
 @pytest.mark.parametrize("mode", ["joint", "autoregressive"])
@@ -331,7 +361,7 @@ def oracle(truth):
         frames = tokens.shape[1]
         rows = truth.repeat(tokens.shape[0] // truth.shape[0], 1, 1, 1)  # (R, T, H, W)
         logits = 8.0 * torch.nn.functional.one_hot(rows[:, start : start + frames], LEVELS).float()
-        keys = torch.zeros(1, 1, start + frames, 1)  # a stand-in cache that only counts frames
+        keys = torch.zeros(1, 1, frames, 1)  # stand-in keys/values of these frames, only counting them
         return logits, [(keys, keys)]
 
     return model

@@ -124,8 +124,11 @@ class ShiftModel(torch.nn.Module):
         self.arch = arch
 
     def forward(self, tokens, actions, temporal_mask=None, cache=None, start_frame=None):
-        # Its "cache" keeps the frames themselves: (B, C, H, W) ids, where a real model keeps keys and values.
-        history = tokens if cache is None else torch.cat([cache[0][0], tokens], dim=1)
+        # Its "cache" keeps the frames themselves, (B, 1, C, H W) ids, where a real model keeps keys and
+        # values (frames on the third axis); like the model, it returns those of these frames, for the caller
+        # to append to its cache.
+        past = None if cache is None else cache[0][0][:, 0].unflatten(-1, tokens.shape[2:])  # (B, C, H, W)
+        history = tokens if past is None else torch.cat([past, tokens], dim=1)
         previous = history[:, -tokens.shape[1] - 1 : -1] if cache is not None else tokens
         half = self.arch.frame_size / 2
         moved = torch.stack(
@@ -135,7 +138,8 @@ class ShiftModel(torch.nn.Module):
             ]
         )
         logits = 1e4 * F.one_hot(moved.clamp(max=self.arch.levels - 1), self.arch.levels).float()
-        return logits, [(history, history)]
+        frames = tokens.flatten(2)[:, None]  # (B, 1, T, H W)
+        return logits, [(frames, frames)]
 
 
 def shift(frame: torch.Tensor, action: torch.Tensor, half: float) -> torch.Tensor:

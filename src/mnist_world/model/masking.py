@@ -26,6 +26,15 @@ def causal_mask(frames: int, past: int = 0, device: torch.device | str | None = 
     return key_time <= query_time
 
 
+def padded_causal_mask(lengths: Tensor, padded: int, frames: int = 1) -> Tensor:
+    """(B, frames, padded + frames): `causal_mask` for sequences whose caches hold `lengths` (B,) frames each,
+    padded to `padded`: frame i of sequence b sees the first lengths[b] cached frames (the padding never) and
+    its own frames up to and including itself, at the cache's end."""
+    cached = torch.arange(padded, device=lengths.device) < lengths[:, None]  # (B, padded)
+    own = causal_mask(frames, device=lengths.device)  # (frames, frames)
+    return torch.cat([cached[:, None, :].expand(-1, frames, -1), own.expand(len(lengths), -1, -1)], dim=2)
+
+
 def identity_mask(frames: int, device: torch.device | str | None = None) -> Tensor:
     """(frames, frames): each frame sees only itself."""
     return torch.eye(frames, dtype=torch.bool, device=device)

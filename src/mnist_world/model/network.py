@@ -70,6 +70,16 @@ def cache_frames(cache: FrameCache | None) -> int:
     return 0 if not cache else cache[0][0].shape[2]
 
 
+def extend_cache(cache: FrameCache | None, new: FrameCache) -> FrameCache:
+    """`cache` followed by the keys/values of later frames (`WorldModel.forward`'s second result)."""
+    if not cache:
+        return new
+    return [
+        (torch.cat([keys, new_keys], dim=2), torch.cat([values, new_values], dim=2))
+        for (keys, values), (new_keys, new_values) in zip(cache, new, strict=True)
+    ]
+
+
 class Dropout(nn.Module):
     """nn.Dropout with the keep mask drawn four elements per 64-bit random word (16 bits each), the drop
     probability rounded to 1/65536. On a CPU, where bernoulli_ draws a full random number per element,
@@ -105,30 +115,41 @@ SHORT_KEYS = 64
 WRITTEN_OUT_SCORES = 2**30
 
 
-def written_out(q: Tensor, k: Tensor) -> bool:
-    """Whether attention of `q` over `k` is computed by `short_attention` rather than the fused kernel:
-    up to SHORT_KEYS keys, and when training in bf16 on a CPU. There the fused kernel at head_dim 32 runs
-    no faster than in fp32 (~25% of the bf16 matmul peak), while written out its matmuls run at bf16 speed:
-    the recipe's spatial layer (1,024 positions, batch 4) trains 1.7x faster, keeping 0.7 GB of attention
-    weights for the backward pass. Inference keeps the fused kernel."""
-    if k.shape[-2] <= SHORT_KEYS:
+def written_out(q: Tensor, keys: int) -> bool:
+    """Whether attention of `q` over that many keys is computed by `short_attention` rather than the fused
+    kernel: up to SHORT_KEYS keys, and when training in bf16 on a CPU. There the fused kernel at head_dim 32
+    runs no faster than in fp32 (~25% of the bf16 matmul peak), while written out its matmuls run at bf16
+    speed: the recipe's spatial layer (1,024 positions, batch 4) trains 1.7x faster, keeping 0.7 GB of
+    attention weights for the backward pass. Inference keeps the fused kernel."""
+    if keys <= SHORT_KEYS:
         return True
-    scores = q.shape[:-1].numel() * k.shape[-2]
+    scores = q.shape[:-1].numel() * keys
     training_bf16_cpu = q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.requires_grad
     return training_bf16_cpu and scores <= WRITTEN_OUT_SCORES
 
 
-def short_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+def short_attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, prefix: KeysValues | None = None
+) -> Tensor:
     """softmax(q k^T / sqrt(d) + mask) v with the (L, keys) scores materialised; the softmax accumulates
     in fp32 whatever the inputs' precision (torch's CPU and CUDA kernels do so for bf16), its weights are
     rounded to v's dtype for the product with v, as the fused kernels do. `attn_mask` as
-    scaled_dot_product_attention's: bool (True: may attend) or an additive float bias."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B', heads, L, keys)
+    scaled_dot_product_attention's: bool (True: may attend) or an additive float bias. `prefix`: keys and
+    values (B', heads, P, d) before `k` and `v` (a cache), read where they are rather than copied beside
+    them: a cached frame's unmasking iterations would otherwise copy the whole cache at every layer."""
+    q = q * q.shape[-1] ** -0.5
+    scores = q @ k.transpose(-2, -1)  # (B', heads, L, keys)
+    if prefix is not None:
+        scores = torch.cat([q @ prefix[0].transpose(-2, -1), scores], dim=-1)  # (B', heads, L, P + keys)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     elif attn_mask is not None:
         scores = scores + attn_mask
-    return scores.softmax(dim=-1).to(v.dtype) @ v
+    weights = scores.softmax(dim=-1).to(v.dtype)
+    if prefix is None:
+        return weights @ v
+    past = prefix[1].shape[-2]
+    return weights[..., :past] @ prefix[1] + weights[..., past:] @ v
 
 
 class SelfAttention(nn.Module):
@@ -144,17 +165,20 @@ class SelfAttention(nn.Module):
     def forward(
         self, x: Tensor, mask: Tensor | None = None, prefix: KeysValues | None = None
     ) -> tuple[Tensor, KeysValues]:
-        # x: (B', L, D); mask: (L, prefix + L) bool, True where attention is allowed, or a float bias added
-        # to the scores, (heads, L, L).
+        # x: (B', L, D); mask: (L, prefix + L) bool, True where attention is allowed (or one for each row,
+        # (B', 1, L, prefix + L)), or a float bias added to the scores, (heads, L, L).
         q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
-        if prefix is not None:
-            k = torch.cat([prefix[0], k], dim=2)
-            v = torch.cat([prefix[1], v], dim=2)
         # No dropout on the attention weights (only on the output projection): with dropout_p > 0 the CPU
         # falls back from the fused kernel to the explicit (frames, 1024, 1024) softmax, 3x slower per step.
-        attend = short_attention if written_out(q, k) else F.scaled_dot_product_attention
-        out = rearrange(attend(q, k, v, attn_mask=mask), "b h l d -> b l (h d)")
-        return self.proj_dropout(self.proj(out)), (k, v)  # keys/values of prefix + these positions
+        if written_out(q, k.shape[-2] + (0 if prefix is None else prefix[0].shape[-2])):
+            out = short_attention(q, k, v, attn_mask=mask, prefix=prefix)
+        elif prefix is not None:
+            keys, values = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = rearrange(out, "b h l d -> b l (h d)")
+        return self.proj_dropout(self.proj(out)), (k, v)  # keys/values of these positions
 
 
 class RelativePositionBias(nn.Module):
@@ -219,13 +243,15 @@ class SpatioTemporalBlock(Block):
     def attend(
         self, x: Tensor, temporal_mask: Tensor | None, prefix: KeysValues | None
     ) -> tuple[Tensor, KeysValues]:
-        batch = x.shape[0]  # x: (B, T, N, D)
+        batch, _, positions, _ = x.shape  # x: (B, T, N, D)
         spatial_in = rearrange(self.spatial_norm(x), "b t n d -> (b t) n d")
         bias = None if self.spatial_bias is None else self.spatial_bias()
         spatial_out, _ = self.spatial(spatial_in, bias)
         x = x + rearrange(spatial_out, "(b t) n d -> b t n d", b=batch)
 
         temporal_in = rearrange(self.temporal_norm(x), "b t n d -> (b n) t d")
+        if temporal_mask is not None and temporal_mask.dim() == 3:  # (B, T, P + T), a mask for each sequence
+            temporal_mask = temporal_mask.repeat_interleave(positions, dim=0)[:, None]  # (B N, 1, T, P + T)
         temporal_out, keys_values = self.temporal(temporal_in, temporal_mask, prefix)
         return x + rearrange(temporal_out, "(b n) t d -> b t n d", b=batch), keys_values
 
@@ -245,8 +271,10 @@ class JointBlock(Block):
     ) -> tuple[Tensor, KeysValues]:
         batch, frames, positions, _ = x.shape  # (B, T, N, D)
         mask = None
-        if temporal_mask is not None:  # (T, P + T) frames -> (T N, (P + T) N) positions, frame-major
-            mask = temporal_mask.repeat_interleave(positions, 0).repeat_interleave(positions, 1)
+        if temporal_mask is not None:  # ([B,] T, P + T) frames -> ([B, 1,] T N, (P + T) N) positions
+            mask = temporal_mask.repeat_interleave(positions, -2).repeat_interleave(positions, -1)
+            if mask.dim() == 3:
+                mask = mask[:, None]  # one mask for each sequence, broadcast over the heads
         if prefix is not None:
             prefix = tuple(rearrange(p, "(b n) h f d -> b h (f n) d", b=batch) for p in prefix)
         attention_in = rearrange(self.attention_norm(x), "b t n d -> b (t n) d")
@@ -308,27 +336,34 @@ class WorldModel(nn.Module):
         actions: Tensor,
         temporal_mask: Tensor | None = None,
         cache: FrameCache | None = None,
-        start_frame: int | None = None,
+        start_frame: int | Tensor | None = None,
     ) -> tuple[Tensor, FrameCache]:
         """Logits for every token of `tokens`, and the cache extended with these frames.
 
         tokens: (B, T, H, W) ids in [0, levels] (levels = mask); actions: (B, T, 2), NaN where unknown.
-        temporal_mask: (T, P + T) bool, True where frame i may attend to frame j, P = frames in `cache`;
-        None attends everywhere. `start_frame` places the frames in time (default: right after the cache).
-        Returns logits (B, T, H, W, levels) and the per-layer keys/values of the cache plus these frames.
+        temporal_mask: (T, P + T) bool, True where frame i may attend to frame j, P = frames in `cache`, or
+        (B, T, P + T), one for each sequence (caches of different lengths padded to P); None attends
+        everywhere. `start_frame` places the frames in time (default: right after the cache), or (B,) one
+        start for each sequence. Returns logits (B, T, H, W, levels) and the per-layer keys/values of these
+        frames (`extend_cache` appends them to `cache`).
         """
         batch, frames, height, width = tokens.shape
         past = cache_frames(cache)
         start = past if start_frame is None else start_frame
-        if start + frames > self.arch.frames:
-            raise ValueError(f"frames {start}..{start + frames - 1} exceed the model's {self.arch.frames}")
+        last = int(start.max()) if isinstance(start, Tensor) else start
+        if last + frames > self.arch.frames:
+            raise ValueError(f"frames {last}..{last + frames - 1} exceed the model's {self.arch.frames}")
 
         p = self.arch.patch_size
         cells = rearrange(tokens, "b t (h p1) (w p2) -> b t (h w) (p1 p2)", p1=p, p2=p)
         bags = rearrange(cells + self.cell_offset, "b t n c -> (b t n) c")
         x = rearrange(self.token_embedding(bags), "(b t n) d -> b t n d", b=batch, t=frames)  # N: positions
         x = x + self.spatial_position  # (N, D) broadcast over batch and time
-        x = x + self.temporal_position[start : start + frames, None, :]  # (T, 1, D)
+        if isinstance(start, Tensor):
+            times = start[:, None] + torch.arange(frames, device=start.device)  # (B, T)
+            x = x + self.temporal_position[times][:, :, None, :]  # (B, T, 1, D)
+        else:
+            x = x + self.temporal_position[start : start + frames, None, :]  # (T, 1, D)
         command = self.embed_actions(actions)  # (B, T, 1, D)
         x = self.embedding_dropout(x + command)
 

@@ -9,17 +9,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mnist_world.config import SampleConfig
-from mnist_world.model.masking import causal_mask, identity_mask
-from mnist_world.model.network import FrameCache
+from mnist_world.model.masking import causal_mask, identity_mask, padded_causal_mask
+from mnist_world.model.network import FrameCache, extend_cache
 
 # model(tokens (B, T, H, W), actions (B, T, 2), temporal_mask, cache=, start_frame=)
-#   -> (logits (B, T, H, W, V), cache), as WorldModel.forward
+#   -> (logits (B, T, H, W, V), these frames' keys/values), as WorldModel.forward
 Model = Callable[..., tuple[Tensor, FrameCache]]
 # Called after every iteration with (index of the first frame being decoded, among the future frames;
 # iteration 1..K; the current state of the frames being decoded (B, F', H, W), mask id where still hidden).
@@ -174,10 +175,18 @@ class Context:
         logits, _ = model(self.rows(tokens), actions, mask, start_frame=context)
         return logits
 
-    def guided_logits(self, model: Model, tokens: Tensor, guidance: float, action_guidance: float) -> Tensor:
+    def guided_logits(
+        self,
+        model: Model,
+        tokens: Tensor,
+        guidance: float,
+        action_guidance: float,
+        logits: Tensor | None = None,
+    ) -> Tensor:
         """(B, F, H, W, V) logits of `tokens` (B, F, H, W) as the sampler draws from them: guided away from
-        the frames alone (`guidance`) and, when twinned, from the twin without actions (`action_guidance`)."""
-        logits = self.logits(model, tokens)
+        the frames alone (`guidance`) and, when twinned, from the twin without actions (`action_guidance`).
+        `logits`: this context's `logits` of `tokens` when already computed (by `batched_logits`)."""
+        logits = self.logits(model, tokens) if logits is None else logits
         if guidance != 0:
             logits = guide(logits, self.unconditional_logits(model, tokens), guidance)
         if self.twinned:
@@ -192,8 +201,52 @@ class Context:
         cache = self.cache
         if self.cached:
             mask = causal_mask(frames, past=context, device=tokens.device)
-            _, cache = model(tokens, self.actions[:, context : context + frames], mask, cache=self.cache)
+            _, new = model(tokens, self.actions[:, context : context + frames], mask, cache=self.cache)
+            cache = extend_cache(self.cache, new)
         return dataclasses.replace(self, tokens=torch.cat([self.tokens, tokens], dim=1), cache=cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextBatch:
+    """Several cached contexts decoded in one model call: their caches padded to the longest and joined once,
+    each row attending to its own frames only, at its own time. Its logits equal the contexts' own up to float
+    rounding (other matrix shapes)."""
+
+    contexts: tuple[Context, ...]
+    cache: FrameCache  # per layer, keys and values (R N, heads, P, head_dim): every context's rows, padded
+    lengths: Tensor  # (R,) the frames each row's context holds
+    counts: tuple[int, ...]  # each context's rows
+
+    @classmethod
+    def join(cls, contexts: Sequence[Context]) -> ContextBatch:
+        if not all(context.cache for context in contexts):
+            raise ValueError("a context batch needs cached contexts of at least one frame")
+        caches: list[FrameCache] = [context.cache for context in contexts]  # type: ignore[misc]
+        longest = max(context.frames for context in contexts)
+
+        def joined(layer: int, part: int) -> Tensor:  # each (R_i N, heads, C_i, d) -> (R N, heads, P, d)
+            pieces = [cache[layer][part] for cache in caches]
+            return torch.cat([F.pad(piece, (0, 0, 0, longest - piece.shape[2])) for piece in pieces])
+
+        counts = tuple(context.tokens.shape[0] for context in contexts)
+        lengths = torch.tensor([context.frames for context in contexts], device=contexts[0].tokens.device)
+        return cls(
+            contexts=tuple(contexts),
+            cache=[(joined(layer, 0), joined(layer, 1)) for layer in range(len(caches[0]))],
+            lengths=lengths.repeat_interleave(torch.tensor(counts, device=lengths.device)),
+            counts=counts,
+        )
+
+    def logits(self, model: Model, tokens: Sequence[Tensor]) -> list[Tensor]:
+        """Each context's `logits` of its next frames `tokens[i]` (B_i, F, H, W), the same F for all."""
+        frames = tokens[0].shape[1]
+        rows = torch.cat(
+            [context.rows(new) for context, new in zip(self.contexts, tokens, strict=True)]
+        )  # (R, F, H, W)
+        actions = torch.cat([context.actions[:, context.frames :][:, :frames] for context in self.contexts])
+        mask = padded_causal_mask(self.lengths, self.cache[0][0].shape[2], frames)  # (R, F, P + F)
+        logits, _ = model(rows, actions, mask, cache=self.cache, start_frame=self.lengths)
+        return list(logits.split(self.counts))
 
 
 # --- Iterative unmasking ---------------------------------------------------------------------------------

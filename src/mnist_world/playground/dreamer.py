@@ -4,19 +4,34 @@ Composes the sampler's public pieces (`Context`, `unmask`, `guide`): the frames 
 key/value cache, so each unmasking iteration runs the model on the new frame alone. The model has a fixed
 number of temporal positions; when the context fills them it slides: the newest `keep` frames are encoded
 afresh at positions 0..keep-1 (a frame's keys carry its position, so cached keys cannot simply shift).
+
+Sessions dreaming at the same time share their model calls (`LogitsBatcher`): every unmasking iteration of
+the frames being dreamed runs as one batch (`ContextBatch`) instead of one small call per session competing
+for the cores. Each session still samples with its own generator and settings; only the logits are computed
+together. A session asks for its logits and waits; the first asker that finds every dreaming session waiting
+(or has waited `GATHER_S`) runs the batch for all of them on its own thread. A lone session's call is its
+own, so its frames equal a replay's exactly; beside others its logits equal its own call's up to float
+rounding (a token at a near-tie may then differ from the replay's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from mnist_world.config import SampleConfig
-from mnist_world.model.sampling import Context, unmask
-from mnist_world.playground.world import Model
+from mnist_world.model.sampling import Context, ContextBatch, unmask
+
+# model(tokens (B, T, H, W), actions (B, T, 2), temporal_mask, cache=, start_frame=) -> (logits, keys and
+# values), with `.arch`: a WorldModel, or the test's double.
+Model = Callable[..., Any]
 
 # Called after each unmasking iteration with (iteration 1..K, the logits (H, W, V) the iteration sampled from,
 # the frame's token ids (H, W) after it, the mask id where still hidden): what the model believed, and what it
@@ -60,13 +75,111 @@ class SamplerSettings:
             raise ValueError(f"choice temperature must not be negative, got {self.choice_temperature}")
 
 
+GATHER_S = 0.05  # how long a request waits for the other dreaming sessions' before their batch runs anyway
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    context: Context
+    tokens: Tensor
+    logits: Tensor | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class LogitsBatcher:
+    """The model calls of every session dreaming a frame, batched."""
+
+    def __init__(self, model: Model, gather_s: float = GATHER_S) -> None:
+        self.model = model
+        self.gather_s = gather_s
+        self._condition = threading.Condition()
+        self._waiting: list[_Request] = []
+        self._dreaming = 0  # sessions inside `dreaming()`: each will ask for logits until its frame is done
+        self._running = False
+        self._joined: ContextBatch | None = None  # the last batch's contexts, kept while they stay the same
+
+    @contextlib.contextmanager
+    def dreaming(self) -> Iterator[None]:
+        """Around one frame's unmasking: the batch waits for this session's requests."""
+        with self._condition:
+            self._dreaming += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._dreaming -= 1
+                self._condition.notify_all()
+
+    def logits(self, context: Context, tokens: Tensor) -> Tensor:
+        """`context.logits(model, tokens)`, computed in one call with the other waiting sessions'."""
+        request = _Request(context, tokens)
+        with self._condition:
+            self._waiting.append(request)
+            self._condition.notify_all()
+            deadline = time.monotonic() + self.gather_s
+            while not request.done:
+                late = time.monotonic() >= deadline
+                if not self._running and (late or len(self._waiting) >= self._dreaming):
+                    batch, self._waiting = self._waiting, []
+                    self._running = True
+                    break
+                self._condition.wait(None if late else deadline - time.monotonic())
+            else:
+                return self._result(request)
+        try:
+            self._run(batch)
+        finally:
+            with self._condition:
+                self._running = False
+                self._condition.notify_all()
+        return self._result(request)
+
+    @staticmethod
+    def _result(request: _Request) -> Tensor:
+        if request.error is not None:
+            raise request.error
+        assert request.logits is not None
+        return request.logits
+
+    def _run(self, batch: list[_Request]) -> None:
+        """Compute every request's logits (or its error) in one model call; a lone request in its own."""
+        batch.sort(key=lambda request: id(request.context))  # the same order while the contexts stay
+        try:
+            with torch.no_grad():
+                if len(batch) == 1:
+                    results = [batch[0].context.logits(self.model, batch[0].tokens)]
+                else:
+                    contexts = tuple(request.context for request in batch)
+                    joined = self._joined
+                    if (
+                        joined is None
+                        or len(joined.contexts) != len(contexts)
+                        or any(
+                            mine is not theirs for mine, theirs in zip(joined.contexts, contexts, strict=True)
+                        )
+                    ):
+                        joined = self._joined = ContextBatch.join(contexts)
+                    results = joined.logits(self.model, [request.tokens for request in batch])
+        except Exception as error:  # every session of the batch gets it
+            for request in batch:
+                request.error, request.done = error, True
+            return
+        for request, logits in zip(batch, results, strict=True):
+            request.logits, request.done = logits, True
+
+
 class Dreamer:
     """The frames dreamed so far (within the model's window) and the next one on demand."""
 
-    def __init__(self, model: Model, tokens: Tensor, actions: Tensor, keep: int) -> None:
+    def __init__(
+        self, model: Model, tokens: Tensor, actions: Tensor, keep: int, batcher: LogitsBatcher | None = None
+    ) -> None:
         """Start after the given frames: tokens (C, H, W) ids and their actions (C, 2), on the model's device;
-        `keep` frames stay in the context when it slides (1 <= keep < the model's frames)."""
+        `keep` frames stay in the context when it slides (1 <= keep < the model's frames). With a `batcher`,
+        the model calls of each unmasking iteration are shared with the other sessions dreaming then."""
         self.model = model
+        self.batcher = batcher
         self.window = model.arch.frames
         if not 1 <= keep < self.window:
             raise ValueError(f"keep must be in [1, {self.window - 1}] for a model of {self.window} frames")
@@ -99,7 +212,10 @@ class Dreamer:
         latest: list[Tensor] = []  # the logits of the iteration in progress, for `on_iteration`
 
         def logits_of(tokens: Tensor) -> Tensor:
-            logits = context.guided_logits(self.model, tokens, settings.guidance, settings.action_guidance)
+            shared = None if self.batcher is None else self.batcher.logits(context, tokens)
+            logits = context.guided_logits(
+                self.model, tokens, settings.guidance, settings.action_guidance, shared
+            )
             latest[:] = [logits]
             return logits
 
@@ -109,9 +225,10 @@ class Dreamer:
         height, width = context.tokens.shape[2:]
         mask_id = self.model.arch.mask_id
         blank = torch.full((1, 1, height, width), mask_id, dtype=torch.long, device=action.device)
-        frame = unmask(
-            logits_of, blank, mask_id, settings.steps, settings.temperature, generator,
-            None if on_iteration is None else on_step, choice_temperature=settings.choice_temperature,
-        )  # fmt: skip
+        with contextlib.nullcontext() if self.batcher is None else self.batcher.dreaming():
+            frame = unmask(
+                logits_of, blank, mask_id, settings.steps, settings.temperature, generator,
+                None if on_iteration is None else on_step, choice_temperature=settings.choice_temperature,
+            )  # fmt: skip
         self.context = context.append(self.model, frame)
         return frame[0, 0]

@@ -69,7 +69,7 @@ class Session:
             raise PlaygroundError(f"keep={self.keep} must be in [1, {world.arch.frames - 1}]")
         given = torch.from_numpy(self.sequence.tokens[:past]).to(world.device)
         actions = torch.from_numpy(self.sequence.actions[:past]).to(world.device)
-        self.dreamer = Dreamer(world.model, given, actions, self.keep)
+        self.dreamer = Dreamer(world.model, given, actions, self.keep, world.batcher)
         self.generator = new_generator(seed, world.device)
         self.frames: list[np.ndarray] = list(world.data.to_pixels(self.sequence.tokens[:past]))  # (H, W) each
         self.played: list[PlayedFrame] = []

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +19,7 @@ from mnist_world.data.dataset import split_range
 from mnist_world.evaluation.stores import ValidationStores
 from mnist_world.model.checkpoint import CheckpointError, load_model
 from mnist_world.model.network import Architecture
+from mnist_world.playground.dreamer import LogitsBatcher, Model
 
 
 class PlaygroundError(ValueError):
@@ -95,11 +94,6 @@ class ValidationData(ValidationStores):
         )  # one pixel if nothing moves
 
 
-# model(tokens (B, T, H, W), actions (B, T, 2), temporal_mask, cache=, start_frame=) -> (logits, cache), with
-# `.arch`: a WorldModel, or the test's double.
-Model = Callable[..., Any]
-
-
 @dataclasses.dataclass(frozen=True)
 class World:
     """A model and the data it is played on, checked to fit each other."""
@@ -111,6 +105,7 @@ class World:
     device: torch.device
     objectives: dict[str, float] | None = None  # what the checkpoint was trained on (guidance needs one)
     action_dropout: float = 0.0  # its share of sequences trained without actions (action guidance needs it)
+    batcher: LogitsBatcher | None = None  # shares the model calls of the sessions dreaming at once
 
     @property
     def arch(self) -> Architecture:
@@ -146,4 +141,5 @@ def load_world(checkpoint: str | Path, data: ValidationData, device: str | torch
     past = int(train["past_frames"])
     check_fit(model.arch, data, past, str(checkpoint))
     dropout = float(train.get("action_dropout", 0.0))
-    return World(model, data, past, str(checkpoint), device, train.get("objectives"), dropout)
+    objectives = train.get("objectives")
+    return World(model, data, past, str(checkpoint), device, objectives, dropout, LogitsBatcher(model))
