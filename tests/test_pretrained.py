@@ -36,7 +36,7 @@ spec.loader.exec_module(rollout)
 
 SHIPPED = ROOT / "pretrained" / "world-model.pt"
 MODEL_CARD = ROOT / "docs" / "model-card.md"
-SHA256 = "1a93c157cfa85ddef99830ca95b33ccf55a95869ac71122c32ad882e46a2b2b2"
+SHA256 = "dddb70035b3ac003a899be6036dfb0c63589cbc35b577506b2291f49a1fb3366"
 STEPS = 7200
 
 
