@@ -151,19 +151,15 @@ class LogitsBatcher:
                     results = [batch[0].context.logits(self.model, batch[0].tokens)]
                 else:
                     contexts = tuple(request.context for request in batch)
-                    joined = self._joined
-                    if (
-                        joined is None
-                        or len(joined.contexts) != len(contexts)
-                        or any(
-                            mine is not theirs for mine, theirs in zip(joined.contexts, contexts, strict=True)
-                        )
-                    ):
+                    joined = self._joined  # it holds its contexts, so their ids are theirs alone
+                    if joined is None or list(map(id, joined.contexts)) != list(map(id, contexts)):
                         joined = self._joined = ContextBatch.join(contexts)
                     results = joined.logits(self.model, [request.tokens for request in batch])
-        except Exception as error:  # every session of the batch gets it
+        except BaseException as error:  # every session of the batch gets it, none waits for ever
             for request in batch:
                 request.error, request.done = error, True
+            if not isinstance(error, Exception):
+                raise
             return
         for request, logits in zip(batch, results, strict=True):
             request.logits, request.done = logits, True
