@@ -338,7 +338,7 @@ class WorldModel(nn.Module):
         cache: FrameCache | None = None,
         start_frame: int | Tensor | None = None,
     ) -> tuple[Tensor, FrameCache]:
-        """Logits for every token of `tokens`, and the cache extended with these frames.
+        """Logits for every token of `tokens`, and these frames' keys/values (what a cache keeps of them).
 
         tokens: (B, T, H, W) ids in [0, levels] (levels = mask); actions: (B, T, 2), NaN where unknown.
         temporal_mask: (T, P + T) bool, True where frame i may attend to frame j, P = frames in `cache`, or

@@ -185,7 +185,7 @@ class Context:
     ) -> Tensor:
         """(B, F, H, W, V) logits of `tokens` (B, F, H, W) as the sampler draws from them: guided away from
         the frames alone (`guidance`) and, when twinned, from the twin without actions (`action_guidance`).
-        `logits`: this context's `logits` of `tokens` when already computed (by `batched_logits`)."""
+        `logits`: this context's `logits` of `tokens` when already computed (by a `ContextBatch`)."""
         logits = self.logits(model, tokens) if logits is None else logits
         if guidance != 0:
             logits = guide(logits, self.unconditional_logits(model, tokens), guidance)
@@ -219,6 +219,7 @@ class ContextBatch:
 
     @classmethod
     def join(cls, contexts: Sequence[Context]) -> ContextBatch:
+        """The batch of `contexts` (each cached, of at least one frame), in their order."""
         if not all(context.cache for context in contexts):
             raise ValueError("a context batch needs cached contexts of at least one frame")
         caches: list[FrameCache] = [context.cache for context in contexts]  # type: ignore[misc]
