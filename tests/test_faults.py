@@ -10,6 +10,7 @@ after. The tests marked xfail(strict=True) need `training.py` to call the checkp
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import http.server
 import io
@@ -984,6 +985,25 @@ def eval_temporaries(workspace: Path) -> list[Path]:
     return list((workspace / "reports").glob(".eval.*"))
 
 
+def interrupted(process, interrupt, now, old, new, swapped: str) -> str:
+    """Send a running stage `interrupt` (signal, exit status, the line's start) and check what it left: the
+    outputs (`now()`) all old or all new and its one line saying which (`swapped` names the new ones), or,
+    when the signal came as the finished stage was exiting, exit 0, the new outputs and no error. The outcome,
+    for the fault table."""
+    sent, status, words = interrupt
+    process.send_signal(sent)
+    stdout, stderr = process.communicate(timeout=300)
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    if result.returncode == 0:  # the signal came as the finished stage was exiting: ignored
+        assert "Traceback" not in result.stderr and "error:" not in result.stderr, result.stderr
+        assert now() == new
+        return f"{signal.Signals(sent).name}: after it finished"
+    line = error_line(result, status)
+    state = "old" if now() == old else "new"
+    assert line == words + (UNCHANGED if state == "old" else swapped)
+    return f"{signal.Signals(sent).name}: {state}"
+
+
 @pytest.mark.slow
 def test_evaluate_interrupted_at_any_point_leaves_all_old_or_all_new_reports(workspace, tmp_path):
     """SIGTERM, Ctrl-C and kill -9 from the moment evaluate starts writing its reports to after it swapped
@@ -1019,18 +1039,8 @@ def test_evaluate_interrupted_at_any_point_leaves_all_old_or_all_new_reports(wor
             assert process.returncode == 0 and snapshot(workspace, "reports/eval") == new
             outcome = "finished"
         else:
-            process.send_signal(sent)
-            stdout, stderr = process.communicate(timeout=300)
-            result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-            if result.returncode == 0:  # the signal came as the finished stage was exiting: ignored
-                assert "Traceback" not in result.stderr and "error:" not in result.stderr, result.stderr
-                assert snapshot(workspace, "reports/eval") == new
-                outcome = f"{signal.Signals(sent).name}: after it finished"
-            else:
-                line = error_line(result, status)
-                state = "old" if snapshot(workspace, "reports/eval") == old else "new"
-                assert line == words + (UNCHANGED if state == "old" else swapped)
-                outcome = f"{signal.Signals(sent).name}: {state}"
+            now = functools.partial(snapshot, workspace, "reports/eval")
+            outcome = interrupted(process, (sent, status, words), now, old, new, swapped)
         assert snapshot(workspace, "reports/eval") in (old, new)
         assert eval_temporaries(workspace) == [] and leftovers(workspace / "reports") == []
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
@@ -1111,18 +1121,8 @@ def test_a_data_stage_interrupted_at_any_point_leaves_its_store_and_report_both_
             assert process.returncode == 0 and snapshot(workspace, *outputs) == new
             outcome = "finished"
         else:
-            process.send_signal(sent)
-            stdout, stderr = process.communicate(timeout=300)
-            result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-            if result.returncode == 0:  # the signal came as the finished stage was exiting: ignored
-                assert "Traceback" not in result.stderr and "error:" not in result.stderr, result.stderr
-                assert snapshot(workspace, *outputs) == new
-                outcome = f"{signal.Signals(sent).name}: after it finished"
-            else:
-                line = error_line(result, status)
-                state = "old" if snapshot(workspace, *outputs) == old else "new"
-                assert line == words + (UNCHANGED if state == "old" else swapped)
-                outcome = f"{signal.Signals(sent).name}: {state}"
+            now = functools.partial(snapshot, workspace, *outputs)
+            outcome = interrupted(process, (sent, status, words), now, old, new, swapped)
         assert snapshot(workspace, *outputs) in (old, new)
         assert leftovers(workspace / "data") == [] and leftovers(workspace / "reports") == []
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
