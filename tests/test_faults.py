@@ -365,6 +365,27 @@ def test_any_error_becomes_one_line() -> None:
     assert len(long) == cli.MAX_LENGTH and long.endswith("...")
 
 
+def test_an_interrupt_before_a_coroutine_ran_is_still_one_line() -> None:
+    """Ctrl-C between making a zarr coroutine and handing it to zarr's thread (once in 12 interrupts of the
+    actions stage): the coroutine, freed unawaited with the traceback, warned after the error line."""
+    code = """
+import gc
+import typer
+from mnist_world.cli import one_line_errors
+async def update_attributes(): pass
+def interrupted_call():
+    coroutine = update_attributes()
+    raise KeyboardInterrupt
+try:
+    with one_line_errors():
+        interrupted_call()
+except typer.Exit:
+    gc.collect()
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert error_line(result, 0).startswith("interrupted (Ctrl-C)")
+
+
 # --- local files ---------------------------------------------------------------------------------------
 
 

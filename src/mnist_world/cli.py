@@ -109,7 +109,10 @@ def one_line_errors() -> Iterator[None]:
         raise
     except BaseException as error:
         # A failed or interrupted read or write may have left zarr's I/O thread busy: let it finish, or its
-        # tasks are destroyed unfinished at exit, each with lines of asyncio's after ours.
+        # tasks are destroyed unfinished at exit, each with lines of asyncio's after ours. An interrupt can
+        # also land between making a zarr coroutine and handing it to that thread: freed unawaited with the
+        # traceback, it would warn after our line (the error line already says the call did not finish).
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
         finish_pending_io()
         if debugging():
             raise
