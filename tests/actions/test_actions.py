@@ -9,7 +9,7 @@ from conftest import from_params
 from scipy import ndimage
 
 from mnist_world.actions.ego import actions_from_centres, build_actions_store
-from mnist_world.actions.tracking import track_ego
+from mnist_world.actions.tracking import LiveTrack, track_ego
 from mnist_world.config import ActionsConfig, DataConfig
 from mnist_world.core.store import StoreError, create_store, open_array, write_sequences
 from mnist_world.data.sources import generate_sequences
@@ -117,6 +117,22 @@ def test_tracker_keeps_the_ego_through_an_overlap() -> None:
     truth = np.array([ink_centre(EGO, x, y) for x, y in ego_path]) + 0.5  # pixel i spans [i, i + 1)
     np.testing.assert_allclose(track.centre[0], truth, atol=1e-9)
     assert track.found.all()
+
+
+def test_a_live_track_follows_each_new_frame_as_the_whole_track_does() -> None:
+    # The overlap case, streamed: the first 4 frames tracked whole, then the merged frames one at a time.
+    ego_path = [(10 + 3 * t, 20 + t) for t in range(12)]
+    other_path = [(44 - 3 * t, 24) for t in range(12)]
+    frames = draw([ego_path, other_path], [EGO, OTHER])
+    live = LiveTrack.start(frames[:4], threshold=0.2, min_area=4, digits=2, box=20.0)
+    assert live is not None
+    added = [live.add(frame) for frame in frames[4:]]
+    whole = track_ego(frames[None], threshold=0.2, min_area=4, digits=2, box=20.0).centre[0]
+    np.testing.assert_allclose(np.array(added), whole[4:], atol=1e-9)
+    np.testing.assert_allclose(np.array(live.centres), whole, atol=1e-9)
+    # Frames where the digits never stand apart give no live track: the ego digit is unknown.
+    merged = draw([[(20, 20)] * 3, [(22, 21)] * 3], [EGO, OTHER])
+    assert LiveTrack.start(merged, threshold=0.2, min_area=4, digits=2, box=20.0) is None
 
 
 def test_tracker_follows_a_digit_bouncing_off_the_border() -> None:

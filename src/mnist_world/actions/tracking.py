@@ -46,6 +46,39 @@ def pack_rows(mask: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.pad(packed, padding)).view("<u8")[..., 0]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Ego:
+    """The ego digits' masks from their reference frames, packed for the search, and their centroids."""
+
+    template: np.ndarray  # (N, R) uint64 rows, see `_template`
+    top: np.ndarray  # (N,) the mask's top row in the reference frame
+    left: np.ndarray  # (N,) its left column
+    pixels: np.ndarray  # (N,) its pixel count
+    centre: np.ndarray  # (N, 2) its ink centroid (x, y)
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray, centre: np.ndarray) -> _Ego:
+        template, top, left = _template(mask)
+        return cls(template, top, left, np.bitwise_count(template).sum(axis=1), centre)
+
+    def find(
+        self, active: np.ndarray, frame_rows: np.ndarray, predicted: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sequences `active` (A,) in their frames' packed rows (A, H), searched around the predicted centres
+        (A, 2): (centre (A, 2), found (A,), ambiguous (A,))."""
+        shift = np.rint(predicted - self.centre[active]).astype(np.int64)  # (A, 2) whole pixels
+        placement = self.template[active], self.top[active], self.left[active]
+        misses, offset, second = _widening_search(*placement, frame_rows, shift)
+        return self.centre[active] + shift + offset, misses <= MISS_SHARE * self.pixels[active], second
+
+
+def _predict(previous: np.ndarray, velocity: np.ndarray, box: float | None, size: np.ndarray) -> np.ndarray:
+    """The constant-velocity prediction (A, 2) from the last centres and moves (A, 2), kept within a pixel of
+    where a digit's box touches the walls of frames `size` (width, height)."""
+    predicted = previous + velocity
+    return predicted if box is None else np.clip(predicted, box / 2 - 1, size - box / 2 + 1)
+
+
 def track_ego(
     frames: np.ndarray, threshold: float, min_area: int, digits: int, box: float | None = None
 ) -> Track:
@@ -56,11 +89,17 @@ def track_ego(
     pixel, does a centred MNIST digit's ink centroid, which bounds the prediction at a bounce. Sequences whose
     digits never stand apart follow the dominant motion of the ink instead (all their frames lost).
     """
+    return _track(frames, threshold, min_area, digits, box)[0]
+
+
+def _track(
+    frames: np.ndarray, threshold: float, min_area: int, digits: int, box: float | None
+) -> tuple[Track, _Ego]:
+    """`track_ego`, and the ego masks it searched for."""
     count, length, height, width = frames.shape
     reference, ego_mask, ego_centre = choose_reference(frames, threshold, min_area, digits)
     rows = pack_rows(frames > ink_level(threshold))  # (N, T, H) uint64
-    template, top, left = _template(ego_mask)  # (N, R) uint64, (N,), (N,)
-    pixels = np.bitwise_count(template).sum(axis=1)  # (N,)
+    ego = _Ego.from_mask(ego_mask, ego_centre)
 
     centre = np.zeros((count, length, 2))
     found = np.zeros((count, length), dtype=bool)
@@ -86,20 +125,55 @@ def track_ego(
                 known[:, None], previous - centre[active, np.clip(before, 0, length - 1)], 0.0
             )
             # A bounce breaks the prediction by up to two steps: the widest search window covers it.
-            predicted = previous + velocity
-            if box is not None:
-                predicted = np.clip(predicted, box / 2 - 1, np.array([width, height]) - box / 2 + 1)
-            shift = np.rint(predicted - ego_centre[active]).astype(np.int64)  # (A, 2) whole pixels
-            placement = template[active], top[active], left[active]
-            misses, offset, second = _widening_search(*placement, rows[active, t], shift)
-            centre[active, t] = ego_centre[active] + shift + offset
-            found[active, t] = misses <= MISS_SHARE * pixels[active]
-            ambiguous[active, t] = second
+            predicted = _predict(previous, velocity, box, np.array([width, height]))
+            centre[active, t], found[active, t], ambiguous[active, t] = ego.find(
+                active, rows[active, t], predicted
+            )
 
     merged = np.flatnonzero(~has)
     if merged.size:
         centre[merged] = dominant_motion(frames[merged], SEARCH_WINDOWS[-1])
-    return Track(centre=centre, found=found, ambiguous=ambiguous, reference=reference)
+    return Track(centre=centre, found=found, ambiguous=ambiguous, reference=reference), ego
+
+
+class LiveTrack:
+    """One sequence's ego digit followed as its frames arrive (a live stream, such as the playground's dream):
+    `track_ego` on the first frames, then each new frame searched around the constant-velocity prediction
+    from the two frames before it, as `track_ego` steps forward from its reference frame. The reference and
+    the ego's mask stay those of the first frames, so one new frame costs one frame's search, not a window's.
+    """
+
+    def __init__(self, frames: np.ndarray, threshold: float, min_area: int, digits: int, box: float) -> None:
+        """Track uint8 frames (T, H, W) in which the ego digit stands apart at least once (`start` checks)."""
+        track, self.ego = _track(frames[None], threshold, min_area, digits, box)
+        if track.reference[0] < 0:
+            raise ValueError("the digits never stand apart in these frames: the ego digit is unknown")
+        self.reference = int(track.reference[0])
+        self.level, self.box = ink_level(threshold), box
+        self.size = np.array([frames.shape[2], frames.shape[1]])
+        self.centres = list(track.centre[0])  # (2,) each
+
+    @classmethod
+    def start(
+        cls, frames: np.ndarray, threshold: float, min_area: int, digits: int, box: float
+    ) -> LiveTrack | None:
+        """The live track of uint8 frames (T, H, W); None when no frame shows the ego digit apart."""
+        try:
+            return cls(frames, threshold, min_area, digits, box)
+        except ValueError:
+            return None
+
+    def add(self, frame: np.ndarray) -> np.ndarray:
+        """The ego digit's centre (x, y) in the next uint8 frame (H, W)."""
+        time = len(self.centres)
+        previous = self.centres[-1]
+        velocity = previous - self.centres[-2] if time - 2 >= self.reference else np.zeros(2)
+        predicted = _predict(previous[None], velocity[None], self.box, self.size)
+        centre, _, _ = self.ego.find(
+            np.zeros(1, dtype=np.int64), pack_rows(frame > self.level)[None], predicted
+        )
+        self.centres.append(centre[0])
+        return centre[0]
 
 
 def _widening_search(

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_world.actions.tracking import Track, track_ego
+from mnist_world.actions.tracking import LiveTrack, Track, track_ego
 from mnist_world.config import DIGIT_SIZE
 
 PRESENCE = 0.5  # the ego digit is found where its box holds at least this share of its past ink
@@ -68,11 +68,22 @@ class Tracker:
         """The digits' box side in pixels of frames `frame_size` wide (the canvas fixes it)."""
         return DIGIT_SIZE * frame_size / self.canvas
 
+    @staticmethod
+    def pixels(frames: np.ndarray) -> np.ndarray:
+        """Frames in [0, 1] as the tracker reads them: uint8."""
+        return np.rint(np.clip(frames, 0.0, 1.0) * 255).astype(np.uint8)
+
     def track(self, frames: np.ndarray) -> Track:
         """The ego digit tracked through frames (N, T, H, W) in [0, 1] at any resolution: the canvas fixes
         the digits' box size at this one."""
-        pixels = np.rint(np.clip(frames, 0.0, 1.0) * 255).astype(np.uint8)
-        return track_ego(pixels, self.threshold, self.min_area, self.digits, box=self.box(frames.shape[-1]))
+        box = self.box(frames.shape[-1])
+        return track_ego(self.pixels(frames), self.threshold, self.min_area, self.digits, box=box)
+
+    def live(self, frames: np.ndarray) -> LiveTrack | None:
+        """The ego digit of one sequence's frames (T, H, W) in [0, 1], to follow through frames added one at a
+        time (`LiveTrack.add`, given `pixels`); None when no frame shows it apart from the other digits."""
+        box = self.box(frames.shape[-1])
+        return LiveTrack.start(self.pixels(frames), self.threshold, self.min_area, self.digits, box=box)
 
 
 def box_ink(frames: np.ndarray, centre: np.ndarray, box: float) -> np.ndarray:

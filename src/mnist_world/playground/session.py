@@ -22,7 +22,8 @@ from mnist_world.playground.world import PlaygroundError, World
 
 
 def overlay_centres(tracker: Tracker, frames: np.ndarray) -> np.ndarray | None:
-    """(T, 2) centres (x, y) of the ego digit in pixels of frames (T, H, W) in [0, 1], for the page's overlay;
+    """(T, 2) centres (x, y) of the ego digit in pixels of frames (T, H, W) in [0, 1], tracked through all of
+    them at once (a session's overlay follows the given frames' track into each new frame: `LiveTrack`);
     None when no frame shows the ego digit apart from the others (then the tracker knows its motion at best,
     not where it is)."""
     track = tracker.track(frames[None])  # (1, T, H, W): the evaluation's tracking, for one sequence
@@ -60,7 +61,7 @@ class Session:
         overlay: bool = False,
     ) -> None:
         # overlay: track the ego digit with the action store's tracker settings, for the page's marker
-        self.world, self.seed, self.settings, self.overlay = world, seed, settings, overlay
+        self.world, self.seed, self.settings = world, seed, settings
         self.lock = threading.Lock()
         self.sequence = world.data.sequence(sequence)
         past = world.past_frames
@@ -72,6 +73,8 @@ class Session:
         self.dreamer = Dreamer(world.model, given, actions, self.keep, world.batcher)
         self.generator = new_generator(seed, world.device)
         self.frames: list[np.ndarray] = list(world.data.to_pixels(self.sequence.tokens[:past]))  # (H, W) each
+        # The overlay's ego digit, found in the given frames and followed into each dreamed one.
+        self.live = world.data.tracker.live(np.stack(self.frames)) if overlay else None
         self.played: list[PlayedFrame] = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the note goes to the page instead
@@ -88,15 +91,15 @@ class Session:
         """True future frames of the sequence not yet played."""
         return max(0, self.world.data.length - len(self.frames))
 
-    def _centres(self) -> np.ndarray | None:
-        """The ego digit's centres in the newest frames (as many as the model sees at once)."""
-        if not self.overlay:
+    def _centre(self, frame: np.ndarray) -> np.ndarray | None:
+        """The ego digit's centre in a newly dreamed frame (H, W), for the page's overlay."""
+        if self.live is None:
             return None
-        return overlay_centres(self.world.data.tracker, np.stack(self.frames[-self.world.arch.frames :]))
+        return self.live.add(self.world.data.tracker.pixels(frame))
 
     def start_message(self) -> dict[str, Any]:
         """The run's given frames and what the page needs to know to continue it."""
-        centres = self._centres()
+        centres = None if self.live is None else self.live.centres
         past = self.world.past_frames
         return {
             "sequence": self.sequence.index,
@@ -185,12 +188,11 @@ class Session:
         elapsed = time.perf_counter() - started
         self.frames.append(frame)
         self.played.append(PlayedFrame(action, request.temperature, request.truth))
-        centres = self._centres()
         message = frame_message(
             index,
             frame,
             action,
-            None if centres is None else centres[-1],
+            self._centre(frame),
             given=False,
             truth=self.sequence.frames[index] if request.truth else None,
         )
