@@ -61,6 +61,25 @@ def test_future_hides_only_future_tokens_under_a_causal_mask() -> None:
     assert (narrow - 0.7).abs().max() < 0.1
 
 
+def test_frame_ratios_give_a_share_of_the_sequences_a_ratio_per_future_frame() -> None:
+    data = tokens(batch=256)
+
+    def spread(batch) -> torch.Tensor:  # (B,) how differently each sequence's future frames are hidden
+        return batch.loss_mask[:, PAST:].float().mean(dim=(2, 3)).std(dim=1)
+
+    shared = batch_for("future", data, mask_ratio=(0.05, 1.0))
+    own = batch_for("future", data, mask_ratio=(0.05, 1.0), frame_ratios=1.0)
+    half = batch_for("future", data, mask_ratio=(0.05, 1.0), frame_ratios=0.5)
+    # 64 tokens a frame: one shared ratio leaves a binomial spread of about 0.05 between the frames; a ratio
+    # per frame from U(0.05, 1) spreads them by about 0.27.
+    assert spread(shared).mean() < 0.07 and spread(own).mean() > 0.2
+    wide = [(spread(batch) > 0.15).float().mean().item() for batch in (shared, half, own)]
+    assert wide[0] < 0.05 and wide[2] > 0.6
+    assert abs(wide[1] - wide[2] / 2) < 0.12  # about half the sequences draw a ratio per frame
+    assert not own.loss_mask[:, :PAST].any()  # the past stays given
+    assert (own.loss_mask.sum(dim=(1, 2, 3)) >= 1).all()
+
+
 def test_joint_hides_every_frame_with_bidirectional_attention() -> None:
     batch = batch_for("joint", tokens())
     hidden = batch.inputs == LEVELS

@@ -163,6 +163,7 @@ class TrainConfig:
     objectives: dict[Text, Number]
     mask_schedule: typing.Literal["uniform", "cosine"]
     noise_eta: Number  # CoPilot4D: replace up to this share of the unmasked tokens with random ones
+    frame_ratios: Number  # share of `future` sequences whose future frames each draw their own mask ratio
     action_dropout: Number  # share of training sequences whose actions are hidden (action guidance needs it)
     label_smoothing: Number
     checkpoint_every: Integer
@@ -207,6 +208,7 @@ class TrainConfig:
             f"train.objectives: weights must sum to 1, got {sum(self.objectives.values()):g}",
         )
         require(0 <= self.noise_eta < 1, "train.noise_eta: must be in [0, 1)")
+        require(0 <= self.frame_ratios <= 1, "train.frame_ratios: must be in [0, 1]")
         require(0 <= self.action_dropout < 1, "train.action_dropout: must be in [0, 1)")
         require(0 <= self.label_smoothing < 1, "train.label_smoothing: must be in [0, 1)")
         require(self.checkpoint_every >= 1, "train.checkpoint_every: must be at least 1")

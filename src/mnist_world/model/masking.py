@@ -75,7 +75,8 @@ def make_batch(
     """Hide tokens of `tokens` (B, T, H, W) as `objective` asks; random draws come from `generator`.
 
     future: the first `config.past_frames` frames are given; each later token is hidden with probability r,
-        one r per sequence; causal attention (frame t sees frames <= t).
+        one r per sequence, or one per frame for a `config.frame_ratios` share of the sequences; causal
+        attention (frame t sees frames <= t).
     joint: tokens of every frame hidden with one r per sequence; bidirectional attention.
     individual: one r per sequence and frame; each frame sees only itself (what classifier-free guidance
         needs: the model's prediction of a frame without context).
@@ -99,6 +100,13 @@ def make_batch(
         temporal_mask = identity_mask(frames, device=device)
 
     ratio = mask_ratios(ratio_shape, config, generator)
+    if objective == "future" and config.frame_ratios > 0:
+        # Diffusion forcing's independent noise levels: these sequences' frames each draw their own ratio, so
+        # the model also meets what frame-by-frame sampling feeds it, a (nearly) decoded frame before a
+        # hidden one; the other sequences keep one ratio for their whole future (CoPilot4D).
+        own = mask_ratios((batch, frames, 1, 1), config, generator)
+        chosen = torch.rand((batch, 1, 1, 1), generator=generator, device=device) < config.frame_ratios
+        ratio = torch.where(chosen, own, ratio)  # (B, T, 1, 1) or (B, 1, 1, 1)
     draw = torch.rand(tokens.shape, generator=generator, device=device)  # (B, T, H, W)
     if objective == "future":
         draw[:, : config.past_frames] = 2.0  # above any ratio: the past is never hidden (nor the minimum)

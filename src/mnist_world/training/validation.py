@@ -39,7 +39,11 @@ class Validation:
             derived_seed(config.seed, VALIDATION_STREAM)
         )
         masked = make_batch(
-            "future", tokens, dataclasses.replace(config, noise_eta=0.0), arch.levels, generator
+            "future",
+            tokens,
+            dataclasses.replace(config, noise_eta=0.0, frame_ratios=0.0),
+            arch.levels,
+            generator,
         )
         return cls(data, masked, intensities.to(tokens.device))
 
