@@ -80,6 +80,19 @@ def test_frame_ratios_give_a_share_of_the_sequences_a_ratio_per_future_frame() -
     assert (own.loss_mask.sum(dim=(1, 2, 3)) >= 1).all()
 
 
+def test_cut_past_gives_a_share_of_the_sequences_a_shorter_past_and_hides_the_frames_after_it() -> None:
+    data = tokens(batch=1024)
+    batch = batch_for("future", data, mask_ratio=(0.5, 1.0), cut_past=0.5, past_frames=4)
+    hidden = batch.loss_mask.any(dim=(2, 3))  # (B, T): frames with a hidden token
+    given = (~hidden).int().argmin(dim=1)  # each sequence's first frame with one: its given past ends there
+    assert torch.equal(hidden, torch.arange(FRAMES) >= given[:, None])  # the given past is whole, then hidden
+    counts = torch.bincount(given, minlength=5).tolist()
+    assert counts[0] == 0 and 450 < counts[4] < 574  # half keep their 4 frames
+    assert all(130 < count < 215 for count in counts[1:4])  # the other half are given 1, 2 or 3, evenly
+    # None cut: every sequence is given its whole past.
+    assert not batch_for("future", data).loss_mask[:, :PAST].any()
+
+
 def test_joint_hides_every_frame_with_bidirectional_attention() -> None:
     batch = batch_for("joint", tokens())
     hidden = batch.inputs == LEVELS

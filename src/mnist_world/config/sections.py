@@ -159,6 +159,7 @@ class TrainConfig:
     warmup_steps: Integer  # linear LR warm-up from 0 before the cosine decay; CoPilot4D: 2000
     grad_clip: Number
     past_frames: Integer
+    cut_past: Number  # share of `future` sequences given only 1..past_frames - 1 frames, the rest hidden
     mask_ratio: Pair
     objectives: dict[Text, Number]
     mask_schedule: typing.Literal["uniform", "cosine"]
@@ -192,6 +193,7 @@ class TrainConfig:
         require(self.point_sequences >= 0, "train.point_sequences: must not be negative")
         require(self.grad_clip > 0, "train.grad_clip: must be positive")
         require(self.past_frames >= 1, "train.past_frames: must be at least 1")
+        require(0 <= self.cut_past <= 1, "train.cut_past: must be in [0, 1]")
         low, high = self.mask_ratio
         require(0 < low <= high <= 1, "train.mask_ratio: expected [low, high] with 0 < low <= high <= 1")
         unknown = sorted(set(self.objectives) - set(OBJECTIVES))

@@ -74,7 +74,8 @@ def make_batch(
 ) -> MaskedBatch:
     """Hide tokens of `tokens` (B, T, H, W) as `objective` asks; random draws come from `generator`.
 
-    future: the first `config.past_frames` frames are given; each later token is hidden with probability r,
+    future: the first `config.past_frames` frames are given (for a `config.cut_past` share of the sequences
+        only the first 1..past_frames - 1, drawn uniformly); each later token is hidden with probability r,
         one r per sequence, or one per frame for a `config.frame_ratios` share of the sequences; causal
         attention (frame t sees frames <= t).
     joint: tokens of every frame hidden with one r per sequence; bidirectional attention.
@@ -109,7 +110,13 @@ def make_batch(
         ratio = torch.where(chosen, own, ratio)  # (B, T, 1, 1) or (B, 1, 1, 1)
     draw = torch.rand(tokens.shape, generator=generator, device=device)  # (B, T, H, W)
     if objective == "future":
-        draw[:, : config.past_frames] = 2.0  # above any ratio: the past is never hidden (nor the minimum)
+        given = torch.full((batch, 1), config.past_frames, device=device)  # (B, 1) frames given
+        if config.cut_past > 0:  # more frames trained: those after a shorter past
+            cut = torch.rand((batch, 1), generator=generator, device=device) < config.cut_past
+            shorter = torch.randint(1, config.past_frames, (batch, 1), generator=generator, device=device)
+            given = torch.where(cut, shorter, given)
+        past = torch.arange(frames, device=device) < given  # (B, T)
+        draw[past] = 2.0  # above any ratio: the given past is never hidden (nor the minimum)
     # The smallest draw of each region is always hidden: at least one scored token per region.
     hidden = (draw < ratio) | (draw == draw.amin(dim=region_dims, keepdim=True))
     inputs = tokens.masked_fill(hidden, levels)  # levels is the mask id

@@ -38,13 +38,10 @@ class Validation:
         generator = torch.Generator(device=tokens.device).manual_seed(
             derived_seed(config.seed, VALIDATION_STREAM)
         )
-        masked = make_batch(
-            "future",
-            tokens,
-            dataclasses.replace(config, noise_eta=0.0, frame_ratios=0.0),
-            arch.levels,
-            generator,
-        )
+        # The plain future objective (the whole past given, one ratio per sequence, no noise) whatever the
+        # training mixes in, so that every run's val_loss measures the same task.
+        plain = dataclasses.replace(config, noise_eta=0.0, frame_ratios=0.0, cut_past=0.0)
+        masked = make_batch("future", tokens, plain, arch.levels, generator)
         return cls(data, masked, intensities.to(tokens.device))
 
     @torch.no_grad()
