@@ -153,9 +153,10 @@ def test_cached_and_uncached_contexts_give_the_same_logits(model, batch):
 
 
 @pytest.mark.parametrize("frames", [1, 2])
-def test_a_context_batch_gives_each_context_its_own_logits(model, batch, frames):
-    """Contexts of different lengths, twinned or not, decoded in one call: each gets the logits of its own
-    call, however long the others' caches (padding) and whichever rows come before it."""
+def test_a_context_batch_gives_each_context_its_own_logits_and_appends(model, batch, frames):
+    """Contexts of different lengths, twinned or not, decoded in one call: each gets the logits (and, once
+    decoded, the extended context) of its own call, however long the others' caches (padding) and whichever
+    rows come before it."""
     tokens, actions = batch
     state = tokens.clone()
     state[:, :, ::2] = MASK
@@ -170,6 +171,14 @@ def test_a_context_batch_gives_each_context_its_own_logits(model, batch, frames)
         assert joined.counts == (2, 2, 2) and joined.lengths.tolist() == [1, 1, 3, 3, 2, 2]
         for context, new, logits in zip(contexts, news, joined.logits(model, news), strict=True):
             torch.testing.assert_close(logits, context.logits(model, new), rtol=1e-5, atol=1e-5)
+        # Appended together, each context holds what its own append gives: its frames and their keys/values.
+        decoded = [new.clamp(max=MASK - 1) for new in news]
+        for context, new, appended in zip(contexts, decoded, joined.append(model, decoded), strict=True):
+            alone = context.append(model, new)
+            assert torch.equal(appended.tokens, alone.tokens) and appended.frames == alone.frames
+            for (keys, values), (own_keys, own_values) in zip(appended.cache, alone.cache, strict=True):
+                torch.testing.assert_close(keys, own_keys, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(values, own_values, rtol=1e-5, atol=1e-5)
 
 
 def test_padded_causal_mask_hides_the_padding():

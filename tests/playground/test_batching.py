@@ -1,5 +1,5 @@
 """Sessions dreaming at once share their model calls: one call for every waiting session's rows, each session
-getting its own logits back (or the call's error)."""
+getting its own logits (or extended context) back, or the call's error."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from conftest import tiny_architecture
 
 from mnist_world.model.network import build_model
 from mnist_world.model.sampling import Context
-from mnist_world.playground.dreamer import LogitsBatcher
+from mnist_world.playground.dreamer import CallBatcher
 
 LEVELS, SIZE, FRAMES = 4, 8, 6
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -52,9 +52,11 @@ def contexts(model: Recording) -> list[tuple[Context, torch.Tensor]]:
     return made
 
 
-def ask_together(batcher: LogitsBatcher, asks: list[tuple[Context, torch.Tensor]]) -> list[object]:
-    """Each (context, tokens) asked from its own thread, all of them dreaming before any asks: the logits,
-    or the error, each got."""
+def ask_together(
+    batcher: CallBatcher, asks: list[tuple[Context, torch.Tensor]], append: bool = False
+) -> list[object]:
+    """Each (context, tokens) asked from its own thread, all of them dreaming before any asks: the logits
+    (or, with `append`, the extended context), or the error, each got."""
     ready = threading.Barrier(len(asks))
     answers: list[object] = [None] * len(asks)
 
@@ -62,7 +64,7 @@ def ask_together(batcher: LogitsBatcher, asks: list[tuple[Context, torch.Tensor]
         with batcher.dreaming():
             ready.wait()
             try:
-                answers[index] = batcher.logits(*asks[index])
+                answers[index] = (batcher.append if append else batcher.logits)(*asks[index])
             except RuntimeError as error:
                 answers[index] = error
 
@@ -80,10 +82,25 @@ def test_sessions_dreaming_at_once_share_one_model_call_and_get_their_own_logits
     with torch.no_grad():
         own = [context.logits(model, tokens) for context, tokens in asks]
     model.rows.clear()
-    answers = ask_together(LogitsBatcher(model, gather_s=30.0), asks)
+    answers = ask_together(CallBatcher(model, gather_s=30.0), asks)
     assert model.rows == [1 + 2 + 1]  # one call, every session's rows
     for mine, theirs in zip(answers, own, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_decoded_frames_join_their_contexts_in_one_shared_call():
+    model = Recording()
+    asks = [(context, tokens.clamp(max=LEVELS - 1)) for context, tokens in contexts(model)]  # decoded
+    with torch.no_grad():
+        own = [context.append(model, tokens) for context, tokens in asks]
+    model.rows.clear()
+    answers = ask_together(CallBatcher(model, gather_s=30.0), asks, append=True)
+    assert model.rows == [1 + 2 + 1]  # one call, every session's rows
+    for mine, theirs in zip(answers, own, strict=True):
+        assert isinstance(mine, Context) and torch.equal(mine.tokens, theirs.tokens)
+        for (keys, values), (own_keys, own_values) in zip(mine.cache, theirs.cache, strict=True):
+            torch.testing.assert_close(keys, own_keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(values, own_values, rtol=1e-5, atol=1e-5)
 
 
 def test_a_lone_session_makes_its_own_call():
@@ -91,7 +108,7 @@ def test_a_lone_session_makes_its_own_call():
     context, tokens = contexts(model)[1]
     with torch.no_grad():
         own = context.logits(model, tokens)
-    batcher = LogitsBatcher(model, gather_s=30.0)  # nobody else dreams: no waiting
+    batcher = CallBatcher(model, gather_s=30.0)  # nobody else dreams: no waiting
     with batcher.dreaming():
         assert torch.equal(batcher.logits(context, tokens), own)
 
@@ -99,7 +116,7 @@ def test_a_lone_session_makes_its_own_call():
 def test_a_failing_shared_call_fails_every_session_in_it_and_the_next_call_works():
     model = Recording()
     asks = contexts(model)
-    batcher = LogitsBatcher(model, gather_s=30.0)
+    batcher = CallBatcher(model, gather_s=30.0)
     model.failing = True
     answers = ask_together(batcher, asks)
     assert all(isinstance(answer, RuntimeError) and str(answer) == "out of memory" for answer in answers)

@@ -17,7 +17,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -701,36 +703,38 @@ def test_every_malformed_or_foreign_request_gets_one_4xx_and_the_server_keeps_se
             assert received(connection, "frame")["frame"] == PAST
 
 
-class GatedModel(torch.nn.Module):
-    """The tiny model, except that the first call once armed waits for the gate: a frame still being dreamed
-    for as long as the test needs."""
+class Gate:
+    """A function, except that its first call once armed waits for the gate: a frame held up mid-dream for
+    as long as the test needs."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model, self.arch = model, model.arch
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function = function
         self.armed, self.gate, self.waiting = threading.Event(), threading.Event(), threading.Event()
         self._lock = threading.Lock()
 
-    def forward(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
             first = self.armed.is_set() and not self.waiting.is_set()
             if first:
                 self.waiting.set()
         if first:
             self.gate.wait(timeout=30)
-        return self.model(*args, **kwargs)
+        return self.function(*args, **kwargs)
 
 
-def test_a_frame_being_dreamed_holds_up_neither_the_page_nor_another_tab(root, world):
-    gated = GatedModel(world.model)
-    playground = Playground(settings_for(root, DATA), load=lambda _: dataclasses.replace(world, model=gated))
+def test_a_frame_being_dreamed_holds_up_neither_the_page_nor_another_tab(root, world, monkeypatch):
+    # The first tab watches its frame being unmasked; decoding its first iteration's tokens waits at the
+    # gate, so its frame stays half dreamed while it holds none of the model calls the tabs share.
+    gated = Gate(world.data.to_pixels)
+    monkeypatch.setattr(world.data, "to_pixels", gated)
+    playground = Playground(settings_for(root, DATA), load=lambda _: world)
     with serving(playground) as url:
         first, second = (call(url, "/api/restart", {})[1]["session"] for _ in range(2))
         body = {"frame": PAST, "action": [0.0, 0.0], "temperature": 1.0}
         answers = {}
 
         def dream_first() -> None:
-            answers["first"] = call(url, "/api/step", {**body, "session": first})
+            answers["first"] = call(url, "/api/step", {**body, "session": first, "unmasking": True})
 
         gated.armed.set()
         worker = threading.Thread(target=dream_first)

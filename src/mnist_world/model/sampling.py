@@ -197,13 +197,17 @@ class Context:
     def append(self, model: Model, tokens: Tensor) -> Context:
         """The context extended with the decoded frames `tokens` (B, F, H, W)."""
         context, frames = self.frames, tokens.shape[1]
-        tokens = self.rows(tokens)
-        cache = self.cache
+        rows = self.rows(tokens)
+        new = None
         if self.cached:
             mask = causal_mask(frames, past=context, device=tokens.device)
-            _, new = model(tokens, self.actions[:, context : context + frames], mask, cache=self.cache)
-            cache = extend_cache(self.cache, new)
-        return dataclasses.replace(self, tokens=torch.cat([self.tokens, tokens], dim=1), cache=cache)
+            _, new = model(rows, self.actions[:, context : context + frames], mask, cache=self.cache)
+        return self.extended(rows, new)
+
+    def extended(self, rows: Tensor, new: FrameCache | None) -> Context:
+        """The context followed by the frames `rows` (R, F, H, W), whose keys/values are `new` when cached."""
+        cache = self.cache if new is None else extend_cache(self.cache, new)
+        return dataclasses.replace(self, tokens=torch.cat([self.tokens, rows], dim=1), cache=cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,14 +244,29 @@ class ContextBatch:
 
     def logits(self, model: Model, tokens: Sequence[Tensor]) -> list[Tensor]:
         """Each context's `logits` of its next frames `tokens[i]` (B_i, F, H, W), the same F for all."""
+        logits, _ = self._run(model, tokens)
+        return list(logits.split(self.counts))
+
+    def append(self, model: Model, tokens: Sequence[Tensor]) -> list[Context]:
+        """Each context `append`ed with its decoded frames `tokens[i]` (B_i, F, H, W), the same F for all."""
+        _, new = self._run(model, tokens)
+        positions = new[0][0].shape[0] // sum(self.counts)  # the cache's rows are (row, position) pairs
+        sizes = [count * positions for count in self.counts]
+        parts = [(keys.split(sizes), values.split(sizes)) for keys, values in new]  # per layer
+        return [
+            context.extended(context.rows(frames), [(keys[i], values[i]) for keys, values in parts])
+            for i, (context, frames) in enumerate(zip(self.contexts, tokens, strict=True))
+        ]
+
+    def _run(self, model: Model, tokens: Sequence[Tensor]) -> tuple[Tensor, FrameCache]:
+        """The model on every context's next frames `tokens[i]` (B_i, F, H, W) in one call."""
         frames = tokens[0].shape[1]
         rows = torch.cat(
             [context.rows(new) for context, new in zip(self.contexts, tokens, strict=True)]
         )  # (R, F, H, W)
         actions = torch.cat([context.actions[:, context.frames :][:, :frames] for context in self.contexts])
         mask = padded_causal_mask(self.lengths, self.cache[0][0].shape[2], frames)  # (R, F, P + F)
-        logits, _ = model(rows, actions, mask, cache=self.cache, start_frame=self.lengths)
-        return list(logits.split(self.counts))
+        return model(rows, actions, mask, cache=self.cache, start_frame=self.lengths)
 
 
 # --- Iterative unmasking ---------------------------------------------------------------------------------

@@ -5,13 +5,13 @@ key/value cache, so each unmasking iteration runs the model on the new frame alo
 number of temporal positions; when the context fills them it slides: the newest `keep` frames are encoded
 afresh at positions 0..keep-1 (a frame's keys carry its position, so cached keys cannot simply shift).
 
-Sessions dreaming at the same time share their model calls (`LogitsBatcher`): every unmasking iteration of
-the frames being dreamed runs as one batch (`ContextBatch`) instead of one small call per session competing
-for the cores. Each session still samples with its own generator and settings; only the logits are computed
-together. A session asks for its logits and waits; the first asker that finds every dreaming session waiting
-(or has waited `GATHER_S`) runs the batch for all of them on its own thread. A lone session's call is its
-own, so its frames equal a replay's exactly; beside others its logits equal its own call's up to float
-rounding (a token at a near-tie may then differ from the replay's).
+Sessions dreaming at the same time share their model calls (`CallBatcher`): every unmasking iteration of
+the frames being dreamed, and the decoded frames joining their contexts, run as one batch (`ContextBatch`)
+instead of one small call per session competing for the cores. Each session still samples with its own
+generator and settings; only the model calls are shared. A session asks and waits; the first asker that
+finds every dreaming session waiting (or has waited `GATHER_S`) runs the batch for all of them on its own
+thread. A lone session's call is its own, so its frames equal a replay's exactly; beside others its logits
+equal its own call's up to float rounding (a token at a near-tie may then differ from the replay's).
 """
 
 from __future__ import annotations
@@ -82,26 +82,28 @@ GATHER_S = 0.05  # how long a request waits for the other dreaming sessions' bef
 class _Request:
     context: Context
     tokens: Tensor
-    logits: Tensor | None = None
+    append: bool  # the context extended by the decoded `tokens`, rather than their logits
+    result: Tensor | Context | None = None
     error: BaseException | None = None
     done: bool = False
 
 
-class LogitsBatcher:
-    """The model calls of every session dreaming a frame, batched."""
+class CallBatcher:
+    """The model calls of every session dreaming a frame, batched: each unmasking iteration's logits, and the
+    decoded frame's keys/values as it joins the context."""
 
     def __init__(self, model: Model, gather_s: float = GATHER_S) -> None:
         self.model = model
         self.gather_s = gather_s
         self._condition = threading.Condition()
         self._waiting: list[_Request] = []
-        self._dreaming = 0  # sessions inside `dreaming()`: each will ask for logits until its frame is done
+        self._dreaming = 0  # sessions inside `dreaming()`: each will call until its frame is appended
         self._running = False
         self._joined: ContextBatch | None = None  # the last batch's contexts, kept while they stay the same
 
     @contextlib.contextmanager
     def dreaming(self) -> Iterator[None]:
-        """Around one frame's unmasking: the batch waits for this session's requests."""
+        """Around one frame's unmasking and append: the batch waits for this session's requests."""
         with self._condition:
             self._dreaming += 1
         try:
@@ -113,63 +115,82 @@ class LogitsBatcher:
 
     def logits(self, context: Context, tokens: Tensor) -> Tensor:
         """`context.logits(model, tokens)`, computed in one call with the other waiting sessions'."""
-        request = _Request(context, tokens)
+        return self._call(_Request(context, tokens, append=False))  # type: ignore[return-value]
+
+    def append(self, context: Context, tokens: Tensor) -> Context:
+        """`context.append(model, tokens)`, computed in one call with the other waiting sessions'."""
+        return self._call(_Request(context, tokens, append=True))  # type: ignore[return-value]
+
+    def _call(self, request: _Request) -> Tensor | Context:
+        """Wait until `request` is answered: by a batch another session runs, or by one this session runs
+        when every dreaming session waits (or it has waited `gather_s`)."""
+        deadline = time.monotonic() + self.gather_s
         with self._condition:
             self._waiting.append(request)
             self._condition.notify_all()
-            deadline = time.monotonic() + self.gather_s
-            while not request.done:
-                late = time.monotonic() >= deadline
-                if not self._running and (late or len(self._waiting) >= self._dreaming):
-                    batch, self._waiting = self._waiting, []
-                    self._running = True
-                    break
-                self._condition.wait(None if late else deadline - time.monotonic())
-            else:
-                return self._result(request)
-        try:
-            self._run(batch)
-        finally:
+        while not request.done:
             with self._condition:
-                self._running = False
-                self._condition.notify_all()
-        return self._result(request)
-
-    @staticmethod
-    def _result(request: _Request) -> Tensor:
+                batch = None
+                while not request.done and batch is None:
+                    late = time.monotonic() >= deadline
+                    if not self._running and (late or len(self._waiting) >= self._dreaming):
+                        batch, self._running = self._take(), True
+                    else:
+                        self._condition.wait(None if late else deadline - time.monotonic())
+            if batch is not None:
+                try:
+                    self._run(batch)
+                finally:
+                    with self._condition:
+                        self._running = False
+                        self._condition.notify_all()
         if request.error is not None:
             raise request.error
-        assert request.logits is not None
-        return request.logits
+        assert request.result is not None
+        return request.result
+
+    def _take(self) -> list[_Request]:
+        """The waiting requests of the oldest one's kind (logits or append), which one call answers."""
+        kind = self._waiting[0].append
+        batch = [request for request in self._waiting if request.append == kind]
+        self._waiting = [request for request in self._waiting if request.append != kind]
+        return batch
 
     def _run(self, batch: list[_Request]) -> None:
-        """Compute every request's logits (or its error) in one model call; a lone request in its own."""
+        """Answer every request (or give it the error) in one model call; a lone request in its own."""
         batch.sort(key=lambda request: id(request.context))  # the same order while the contexts stay
+        append = batch[0].append
         try:
             with torch.no_grad():
                 if len(batch) == 1:
-                    results = [batch[0].context.logits(self.model, batch[0].tokens)]
+                    context, tokens = batch[0].context, batch[0].tokens
+                    results = [
+                        context.append(self.model, tokens) if append else context.logits(self.model, tokens)
+                    ]
                 else:
                     contexts = tuple(request.context for request in batch)
                     joined = self._joined  # it holds its contexts, so their ids are theirs alone
                     if joined is None or list(map(id, joined.contexts)) != list(map(id, contexts)):
                         joined = self._joined = ContextBatch.join(contexts)
-                    results = joined.logits(self.model, [request.tokens for request in batch])
+                    tokens = [request.tokens for request in batch]
+                    results = (
+                        joined.append(self.model, tokens) if append else joined.logits(self.model, tokens)
+                    )
         except BaseException as error:  # every session of the batch gets it, none waits for ever
             for request in batch:
                 request.error, request.done = error, True
             if not isinstance(error, Exception):
                 raise
             return
-        for request, logits in zip(batch, results, strict=True):
-            request.logits, request.done = logits, True
+        for request, result in zip(batch, results, strict=True):
+            request.result, request.done = result, True
 
 
 class Dreamer:
     """The frames dreamed so far (within the model's window) and the next one on demand."""
 
     def __init__(
-        self, model: Model, tokens: Tensor, actions: Tensor, keep: int, batcher: LogitsBatcher | None = None
+        self, model: Model, tokens: Tensor, actions: Tensor, keep: int, batcher: CallBatcher | None = None
     ) -> None:
         """Start after the given frames: tokens (C, H, W) ids and their actions (C, 2), on the model's device;
         `keep` frames stay in the context when it slides (1 <= keep < the model's frames). With a `batcher`,
@@ -226,5 +247,8 @@ class Dreamer:
                 logits_of, blank, mask_id, settings.steps, settings.temperature, generator,
                 None if on_iteration is None else on_step, choice_temperature=settings.choice_temperature,
             )  # fmt: skip
-        self.context = context.append(self.model, frame)
+            if self.batcher is None:
+                self.context = context.append(self.model, frame)
+            else:
+                self.context = self.batcher.append(context, frame)
         return frame[0, 0]

@@ -19,7 +19,7 @@ from mnist_world.data.dataset import split_range
 from mnist_world.evaluation.stores import ValidationStores
 from mnist_world.model.checkpoint import CheckpointError, load_model
 from mnist_world.model.network import Architecture
-from mnist_world.playground.dreamer import LogitsBatcher, Model
+from mnist_world.playground.dreamer import CallBatcher, Model
 
 
 class PlaygroundError(ValueError):
@@ -105,7 +105,7 @@ class World:
     device: torch.device
     objectives: dict[str, float] | None = None  # what the checkpoint was trained on (guidance needs one)
     action_dropout: float = 0.0  # its share of sequences trained without actions (action guidance needs it)
-    batcher: LogitsBatcher | None = None  # shares the model calls of the sessions dreaming at once
+    batcher: CallBatcher | None = None  # shares the model calls of the sessions dreaming at once
 
     @property
     def arch(self) -> Architecture:
@@ -142,4 +142,4 @@ def load_world(checkpoint: str | Path, data: ValidationData, device: str | torch
     check_fit(model.arch, data, past, str(checkpoint))
     dropout = float(train.get("action_dropout", 0.0))
     objectives = train.get("objectives")
-    return World(model, data, past, str(checkpoint), device, objectives, dropout, LogitsBatcher(model))
+    return World(model, data, past, str(checkpoint), device, objectives, dropout, CallBatcher(model))
