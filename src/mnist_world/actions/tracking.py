@@ -136,6 +136,7 @@ def _track(
     return Track(centre=centre, found=found, ambiguous=ambiguous, reference=reference), ego
 
 
+@dataclasses.dataclass
 class LiveTrack:
     """One sequence's ego digit followed as its frames arrive (a live stream, such as the playground's dream):
     `track_ego` on the first frames, then each new frame searched around the constant-velocity prediction
@@ -143,25 +144,23 @@ class LiveTrack:
     the ego's mask stay those of the first frames, so one new frame costs one frame's search, not a window's.
     """
 
-    def __init__(self, frames: np.ndarray, threshold: float, min_area: int, digits: int, box: float) -> None:
-        """Track uint8 frames (T, H, W) in which the ego digit stands apart at least once (`start` checks)."""
-        track, self.ego = _track(frames[None], threshold, min_area, digits, box)
-        if track.reference[0] < 0:
-            raise ValueError("the digits never stand apart in these frames: the ego digit is unknown")
-        self.reference = int(track.reference[0])
-        self.level, self.box = ink_level(threshold), box
-        self.size = np.array([frames.shape[2], frames.shape[1]])
-        self.centres = list(track.centre[0])  # (2,) each
+    ego: _Ego  # the ego's mask from the reference frame, for one sequence
+    reference: int  # the frame it came from
+    centres: list[np.ndarray]  # (x, y) in every frame so far
+    level: np.uint8  # ink above this is the digits'
+    box: float
+    size: np.ndarray  # (width, height) of the frames
 
     @classmethod
     def start(
         cls, frames: np.ndarray, threshold: float, min_area: int, digits: int, box: float
     ) -> LiveTrack | None:
         """The live track of uint8 frames (T, H, W); None when no frame shows the ego digit apart."""
-        try:
-            return cls(frames, threshold, min_area, digits, box)
-        except ValueError:
+        track, ego = _track(frames[None], threshold, min_area, digits, box)
+        if track.reference[0] < 0:
             return None
+        size = np.array([frames.shape[2], frames.shape[1]])
+        return cls(ego, int(track.reference[0]), list(track.centre[0]), ink_level(threshold), box, size)
 
     def add(self, frame: np.ndarray) -> np.ndarray:
         """The ego digit's centre (x, y) in the next uint8 frame (H, W)."""
