@@ -89,8 +89,9 @@ def test_cut_past_gives_a_share_of_the_sequences_a_shorter_past_and_hides_the_fr
     counts = torch.bincount(given, minlength=5).tolist()
     assert counts[0] == 0 and 450 < counts[4] < 574  # half keep their 4 frames
     assert all(130 < count < 215 for count in counts[1:4])  # the other half are given 1, 2 or 3, evenly
-    # None cut: every sequence is given its whole past.
+    # None cut: every sequence is given its whole past; a one-frame past has nothing to cut.
     assert not batch_for("future", data).loss_mask[:, :PAST].any()
+    assert not batch_for("future", data, cut_past=1.0, past_frames=1).loss_mask[:, :1].any()
 
 
 def test_joint_hides_every_frame_with_bidirectional_attention() -> None:

@@ -111,7 +111,7 @@ def make_batch(
     draw = torch.rand(tokens.shape, generator=generator, device=device)  # (B, T, H, W)
     if objective == "future":
         given = torch.full((batch, 1), config.past_frames, device=device)  # (B, 1) frames given
-        if config.cut_past > 0:  # more frames trained: those after a shorter past
+        if config.cut_past > 0 and config.past_frames > 1:  # more frames trained: those after a shorter past
             cut = torch.rand((batch, 1), generator=generator, device=device) < config.cut_past
             shorter = torch.randint(1, config.past_frames, (batch, 1), generator=generator, device=device)
             given = torch.where(cut, shorter, given)
