@@ -11,7 +11,7 @@ from conftest import tiny_architecture
 
 from mnist_world.model.network import build_model
 from mnist_world.model.sampling import Context
-from mnist_world.playground.dreamer import CallBatcher
+from mnist_world.playground.dreamer import CallBatcher, Dreamer
 
 LEVELS, SIZE, FRAMES = 4, 8, 6
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,3 +122,11 @@ def test_a_failing_shared_call_fails_every_session_in_it_and_the_next_call_works
     assert all(isinstance(answer, RuntimeError) and str(answer) == "out of memory" for answer in answers)
     model.failing = False
     assert all(isinstance(answer, torch.Tensor) for answer in ask_together(batcher, asks))
+
+
+def test_a_dreamer_refuses_a_batcher_of_another_model():
+    model, other = Recording(), Recording()
+    tokens = torch.zeros((2, SIZE, SIZE), dtype=torch.long)
+    with pytest.raises(ValueError, match="another model"):
+        Dreamer(model, tokens, torch.zeros(2, 2), keep=1, batcher=CallBatcher(other))
+    Dreamer(model, tokens, torch.zeros(2, 2), keep=1, batcher=CallBatcher(model))  # its own: fine

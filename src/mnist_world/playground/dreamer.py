@@ -195,6 +195,8 @@ class Dreamer:
         """Start after the given frames: tokens (C, H, W) ids and their actions (C, 2), on the model's device;
         `keep` frames stay in the context when it slides (1 <= keep < the model's frames). With a `batcher`,
         the model calls of each unmasking iteration are shared with the other sessions dreaming then."""
+        if batcher is not None and batcher.model is not model:
+            raise ValueError("the batcher shares another model's calls than the one dreaming")
         self.model = model
         self.batcher = batcher
         self.window = model.arch.frames
