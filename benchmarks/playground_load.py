@@ -4,11 +4,11 @@ changing every few frames).
 
     python benchmarks/playground_load.py --checkpoint models/best.pt [--clients 8] [--seconds 60]
         [--cpus 0,1] [--tokens data/tokens.zarr --frames data/frames.zarr --actions data/actions.zarr]
-        [--params params.yaml]
+        [--params params.yaml] [--threads 1] [--workers N]
 
-The server runs pinned to --cpus (taskset) with its defaults (one torch thread, the params' sampler); each
-client steps as fast as its frames come (a page at full speed), so the figures are the server's capacity.
-Reports per client the frames per second, and over all frames the p50 / p95 / max latency (from sending
+The server runs pinned to --cpus (taskset) with its defaults (one torch thread, one dreaming worker per CPU,
+the params' sampler); each client steps as fast as its frames come (a page at full speed), so the figures
+are the server's capacity (the clients run on the same machine, sharing its CPUs). Reports per client the frames per second, and over all frames the p50 / p95 / max latency (from sending
 "step" to receiving the frame), the errors (any error message or dropped connection), and the server's
 resident memory before the clients, at its peak, and after they have gone (their sessions ended).
 """
@@ -94,10 +94,14 @@ def main(
         str, typer.Option(help="CPUs the server is pinned to (taskset -c); '' for none.")
     ] = "0,1",
     threads: Annotated[int, typer.Option(min=1, help="The server's torch threads (its --threads).")] = 1,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="The server's dreaming workers (its --workers) [its default].")
+    ] = None,
 ) -> None:
     script = Path(sys.executable).with_name("mnist-world")
     command = [str(script), "play", f"--checkpoint={checkpoint}", f"--tokens={tokens}", f"--frames={frames}"]
     command += [f"--actions={actions}", f"--params={params}", "--port=0", f"--threads={threads}"]
+    command += [] if workers is None else [f"--workers={workers}"]
     if cpus and shutil.which("taskset"):
         command = ["taskset", "-c", cpus, *command]  # taskset execs the server: the same process id
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -137,6 +141,7 @@ def main(
     rates = [count / elapsed for count in counts]
     ordered = np.sort(latencies)
     where = f"one server on CPUs {cpus or 'any'} with {threads} torch thread{'s' * (threads > 1)}"
+    where += "" if workers is None else f" and {workers} worker{'s' * (workers > 1)}"
     print(f"{clients} clients, {elapsed:.0f} s, {where}, {config['steps']} steps")
     print(f"load average: {loads[0]:.1f} before, {loads[1]:.1f} after (the machine's, all its CPUs)")
     mean = statistics.mean(rates)

@@ -1,8 +1,10 @@
-"""Sessions dreaming at once share their model calls: one call for every waiting session's rows, each session
-getting its own logits (or extended context) back, or the call's error."""
+"""Sessions dreaming at once share their model calls: their frames are dreamed on a worker thread, one call
+per unmasking iteration for every session's rows, each session sampling its own frame, and getting it (or
+the error of a call it shared) back."""
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -10,118 +12,179 @@ import torch
 from conftest import tiny_architecture
 
 from mnist_world.model.network import build_model
-from mnist_world.model.sampling import Context
-from mnist_world.playground.dreamer import CallBatcher, Dreamer
+from mnist_world.model.sampling import new_generator
+from mnist_world.playground import dreamer
+from mnist_world.playground.dreamer import CallBatcher, Dreamer, SamplerSettings
 
-LEVELS, SIZE, FRAMES = 4, 8, 6
+LEVELS, SIZE, FRAMES, STEPS = 4, 8, 6, 3
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Recording(torch.nn.Module):
-    """The model, recording the rows of every call (and failing when asked to)."""
+    """The model, recording the rows and frames of every call (and failing when asked to)."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.model = build_model(tiny_architecture(LEVELS, SIZE, FRAMES, dropout=0.0, patch_size=2)).eval()
         self.arch = self.model.arch
-        self.rows: list[int] = []
+        self.calls: list[tuple[int, int]] = []  # (rows, frames)
         self.failing = False
 
     def forward(self, tokens, actions, temporal_mask=None, cache=None, start_frame=None):
-        self.rows.append(tokens.shape[0])
+        self.calls.append(tuple(tokens.shape[:2]))
         if self.failing:
             raise RuntimeError("out of memory")
         return self.model(tokens, actions, temporal_mask, cache=cache, start_frame=start_frame)
 
 
-def contexts(model: Recording) -> list[tuple[Context, torch.Tensor]]:
-    """Three sessions' contexts (1, 2 and 4 frames; the second held twice for action guidance) and a
-    half-decoded next frame of each."""
+# Three sessions: 1, 2 and 4 given frames; the second with action guidance (its rows held twice).
+SESSIONS = [(1, 0.0), (2, 1.0), (4, 0.0)]
+
+
+def sessions(model: Recording, batcher: CallBatcher | None) -> list[tuple[Dreamer, SamplerSettings]]:
     generator = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, LEVELS, (3, FRAMES, SIZE, SIZE), generator=generator)
-    actions = 0.1 * torch.randn(3, FRAMES, 2, generator=generator)
+    tokens = torch.randint(0, LEVELS, (len(SESSIONS), FRAMES, SIZE, SIZE), generator=generator)
+    actions = 0.1 * torch.randn(len(SESSIONS), FRAMES, 2, generator=generator)
     made = []
-    for session, (frames, twinned) in enumerate([(1, False), (2, True), (4, False)]):
-        past, moves = tokens[session : session + 1, :frames], actions[session : session + 1]
-        with torch.no_grad():
-            context = Context.encode(model, past, moves, twinned=twinned)
-        state = tokens[session : session + 1, frames : frames + 1].clone()
-        state[..., ::2] = LEVELS  # hidden
-        made.append((context, state))
+    for index, (frames, action_guidance) in enumerate(SESSIONS):
+        given = Dreamer(model, tokens[index, :frames], actions[index, :frames], keep=1, batcher=batcher)
+        made.append((given, SamplerSettings(steps=STEPS, action_guidance=action_guidance)))
     return made
 
 
-def ask_together(
-    batcher: CallBatcher, asks: list[tuple[Context, torch.Tensor]], append: bool = False
-) -> list[object]:
-    """Each (context, tokens) asked from its own thread, all of them dreaming before any asks: the logits
-    (or, with `append`, the extended context), or the error, each got."""
-    ready = threading.Barrier(len(asks))
-    answers: list[object] = [None] * len(asks)
+def dream_together(made: list[tuple[Dreamer, SamplerSettings]], frames: int = 1) -> list[list[object]]:
+    """Each session dreams `frames` frames on its own thread, all starting together: the frames (or the
+    error) each got."""
+    ready = threading.Barrier(len(made))
+    answers: list[list[object]] = [[] for _ in made]
 
-    def ask(index: int) -> None:
-        with batcher.dreaming():
-            ready.wait()
+    def dream(index: int) -> None:
+        session, settings = made[index]
+        generator = new_generator(index, "cpu")
+        ready.wait()
+        for _ in range(frames):
             try:
-                answers[index] = (batcher.append if append else batcher.logits)(*asks[index])
+                answers[index].append(session.next_frame(torch.tensor([0.1, 0.0]), settings, generator))
             except RuntimeError as error:
-                answers[index] = error
+                answers[index].append(error)
 
-    threads = [threading.Thread(target=ask, args=(index,)) for index in range(len(asks))]
+    threads = [threading.Thread(target=dream, args=(index,)) for index in range(len(made))]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join()
+        thread.join(timeout=60)
     return answers
 
 
-def test_sessions_dreaming_at_once_share_one_model_call_and_get_their_own_logits():
+def test_sessions_dreaming_at_once_share_one_call_per_iteration_and_sample_their_own_frames():
     model = Recording()
-    asks = contexts(model)
-    with torch.no_grad():
-        own = [context.logits(model, tokens) for context, tokens in asks]
-    model.rows.clear()
-    answers = ask_together(CallBatcher(model, gather_s=30.0), asks)
-    assert model.rows == [1 + 2 + 1]  # one call, every session's rows
-    for mine, theirs in zip(answers, own, strict=True):
-        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    alone = dream_together(sessions(model, None), frames=1)  # each session's own calls
+    made = sessions(model, CallBatcher(model, gather_s=30.0))
+    model.calls.clear()
+    answers = dream_together(made, frames=1)
+    rows = 1 + 2 + 1
+    shared = [call for call in model.calls if call == (rows, 1)]
+    assert len(shared) == STEPS + 1  # every iteration's logits, then the decoded frames joining the contexts
+    assert [call for call in model.calls if call != (rows, 1)] == [(2, 2)]  # the twin's context, encoded
+    for mine, own in zip(answers, alone, strict=True):
+        assert torch.equal(mine[0], own[0])  # fixed seeds: no token at a near-tie here
 
 
-def test_decoded_frames_join_their_contexts_in_one_shared_call():
+def test_a_lone_session_dreams_exactly_what_it_dreams_without_a_batcher():
     model = Recording()
-    asks = [(context, tokens.clamp(max=LEVELS - 1)) for context, tokens in contexts(model)]  # decoded
-    with torch.no_grad():
-        own = [context.append(model, tokens) for context, tokens in asks]
-    model.rows.clear()
-    answers = ask_together(CallBatcher(model, gather_s=30.0), asks, append=True)
-    assert model.rows == [1 + 2 + 1]  # one call, every session's rows
-    for mine, theirs in zip(answers, own, strict=True):
-        assert isinstance(mine, Context) and torch.equal(mine.tokens, theirs.tokens)
-        for (keys, values), (own_keys, own_values) in zip(mine.cache, theirs.cache, strict=True):
-            torch.testing.assert_close(keys, own_keys, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(values, own_values, rtol=1e-5, atol=1e-5)
+    own, settings = sessions(model, None)[1]
+    batched, _ = sessions(model, CallBatcher(model))[1]
+    frames = FRAMES + 2  # the context slides on the way
+    generator, alone_generator = new_generator(5, "cpu"), new_generator(5, "cpu")
+    alone = [own.next_frame(torch.tensor([0.0, 0.1]), settings, alone_generator) for _ in range(frames)]
+    own_context = own.context
+    dreamed = [batched.next_frame(torch.tensor([0.0, 0.1]), settings, generator) for _ in range(frames)]
+    assert all(torch.equal(mine, theirs) for mine, theirs in zip(dreamed, alone, strict=True))
+    assert batched.context.frames == own_context.frames
 
 
-def test_a_lone_session_makes_its_own_call():
+def test_a_failing_shared_call_fails_every_session_in_it_and_leaves_their_contexts():
     model = Recording()
-    context, tokens = contexts(model)[1]
-    with torch.no_grad():
-        own = context.logits(model, tokens)
-    batcher = CallBatcher(model, gather_s=30.0)  # nobody else dreams: no waiting
-    with batcher.dreaming():
-        assert torch.equal(batcher.logits(context, tokens), own)
-
-
-def test_a_failing_shared_call_fails_every_session_in_it_and_the_next_call_works():
-    model = Recording()
-    asks = contexts(model)
-    batcher = CallBatcher(model, gather_s=30.0)
+    made = sessions(model, CallBatcher(model, gather_s=30.0))
+    dream_together(made)  # each context twinned as its settings ask: the next frames make no other call
+    contexts = [session.context for session, _ in made]
     model.failing = True
-    answers = ask_together(batcher, asks)
-    assert all(isinstance(answer, RuntimeError) and str(answer) == "out of memory" for answer in answers)
+    answers = dream_together(made)
+    assert all(isinstance(answer, RuntimeError) and str(answer) == "out of memory" for [answer] in answers)
+    assert all(session.context is context for (session, _), context in zip(made, contexts, strict=True))
     model.failing = False
-    assert all(isinstance(answer, torch.Tensor) for answer in ask_together(batcher, asks))
+    assert all(isinstance(answer, torch.Tensor) for [answer] in dream_together(made))
+
+
+def test_a_slow_watcher_holds_up_no_other_sessions_frame():
+    model = Recording()
+    batcher = CallBatcher(model)
+    (slow, settings), (other, _) = sessions(model, batcher)[:2]
+    gate, watching = threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def watch(step: int, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        seen.append(step)
+        watching.set()
+        assert gate.wait(timeout=30)
+
+    answer: list[object] = []
+    thread = threading.Thread(
+        target=lambda: answer.append(
+            slow.next_frame(torch.zeros(2), settings, new_generator(0, "cpu"), watch)
+        )
+    )
+    thread.start()
+    try:
+        assert watching.wait(timeout=30)  # the slow session's watcher holds its first iteration
+        frame = other.next_frame(torch.zeros(2), SamplerSettings(steps=STEPS), new_generator(1, "cpu"))
+        assert frame.shape == (SIZE, SIZE) and thread.is_alive() and not answer
+    finally:
+        gate.set()
+    thread.join(timeout=30)
+    assert seen == list(range(1, STEPS + 1)) and answer[0].shape == (SIZE, SIZE)
+
+
+def test_a_failing_watcher_fails_its_frame_alone_and_leaves_its_context():
+    model = Recording()
+    batcher = CallBatcher(model)
+    (session, settings), _ = sessions(model, batcher)[:2]
+    before = session.context
+
+    def watch(step: int, logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        raise ValueError("the page went away")
+
+    with pytest.raises(ValueError, match="went away"):
+        session.next_frame(torch.zeros(2), settings, new_generator(0, "cpu"), watch)
+    assert session.context is before
+    session.next_frame(torch.zeros(2), settings, new_generator(0, "cpu"))
+    assert session.context.frames == before.frames + 1
+
+
+def test_sessions_keep_the_least_busy_worker_and_leave_it_when_gone():
+    model = Recording()
+    batcher = CallBatcher(model, workers=2)
+    made = sessions(model, batcher)
+    first, second = batcher.workers
+    assert [session.worker for session, _ in made] == [first, second, first]
+    assert [worker.seated for worker in batcher.workers] == [2, 1]
+    del made[:2]
+    gc.collect()
+    assert [worker.seated for worker in batcher.workers] == [1, 0]
+
+
+def test_an_idle_worker_thread_ends_and_the_next_frame_starts_another(monkeypatch):
+    monkeypatch.setattr(dreamer, "IDLE_S", 0.05)
+    model = Recording()
+    session, settings = sessions(model, CallBatcher(model))[0]
+    worker = session.worker
+    session.next_frame(torch.zeros(2), settings, new_generator(0, "cpu"))
+    first = worker._thread
+    first.join(timeout=30)
+    assert not first.is_alive() and worker._thread is None
+    session.next_frame(torch.zeros(2), settings, new_generator(0, "cpu"))
+    assert worker._thread is not None and worker._thread is not first
 
 
 def test_a_dreamer_refuses_a_batcher_of_another_model():
@@ -130,3 +193,5 @@ def test_a_dreamer_refuses_a_batcher_of_another_model():
     with pytest.raises(ValueError, match="another model"):
         Dreamer(model, tokens, torch.zeros(2, 2), keep=1, batcher=CallBatcher(other))
     Dreamer(model, tokens, torch.zeros(2, 2), keep=1, batcher=CallBatcher(model))  # its own: fine
+    with pytest.raises(ValueError, match="at least one worker"):
+        CallBatcher(model, workers=0)

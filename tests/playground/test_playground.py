@@ -361,7 +361,9 @@ def test_the_true_future_replays_the_datasets_actions_until_the_sequence_ends(wo
     session.step(StepRequest("s", DATA.frames, (0.1, 0.0), 1.0, False))  # steering goes on
 
 
-def test_two_tabs_playing_at_once_do_not_disturb_each_other(world):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_two_tabs_playing_at_once_do_not_disturb_each_other(root, data, workers):
+    world = load_world(root / "best.pt", data, workers=workers)  # 2: the tabs dream side by side
     alone = steps_of(Session(world, 6, seed=3, settings=SAMPLER), MOVES)
     first, second = (Session(world, 6, seed=3, settings=SAMPLER) for _ in range(2))
     other = Session(world, 7, seed=9, settings=SAMPLER)

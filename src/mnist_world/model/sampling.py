@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -272,18 +272,24 @@ class ContextBatch:
 # --- Iterative unmasking ---------------------------------------------------------------------------------
 
 
-def unmask(
-    logits_of: Callable[[Tensor], Tensor],
+# The unmasking loop as a coroutine: it yields the tokens whose logits it needs next, is sent those logits,
+# and returns the tokens with no mask left (see `unmasking`).
+Unmasking = Generator[Tensor, Tensor, Tensor]
+
+
+def unmasking(
     tokens: Tensor,
     mask_id: int,
     steps: int,
     temperature: float,
     generator: torch.Generator,
-    on_step: Callable[[int, Tensor], None] | None = None,
     *,
     choice_temperature: float,
-) -> Tensor:
-    """Fill every `mask_id` of `tokens` (B, F, H, W) in `steps` iterations; returns them with no mask left.
+) -> Unmasking:
+    """Fill every `mask_id` of `tokens` (B, F, H, W) in `steps` iterations, the model calls left to the
+    caller: each iteration yields the tokens so far (B, F, H, W), the mask id where still hidden, and is sent
+    their logits (B, F, H, W, V); after the last it returns them with no mask left. `unmask` drives it with
+    a function; the playground drives several at once, their model calls batched.
 
     Each iteration samples a token at every hidden position, scores it by its log-probability plus Gumbel
     noise scaled by `choice_temperature` and annealed by (1 - k/K) (MaskGIT's choice temperature), keeps the
@@ -291,6 +297,8 @@ def unmask(
     tokens stay hidden (N: the hidden tokens at the start, the same for every sequence). A kept token is
     never hidden again: its confidence is +inf.
     """
+    if steps < 1:
+        raise ValueError(f"unmasking needs at least one iteration, got steps={steps}")
     shape = tokens.shape
     flat = tokens.flatten(1)  # (B, M)
     masked = flat == mask_id  # (B, M)
@@ -298,7 +306,7 @@ def unmask(
     if not bool((masked.sum(dim=1) == total).all()):
         raise ValueError("every sequence must start with the same number of masked tokens")
     for step in range(1, steps + 1):
-        logits = logits_of(flat.view(shape)).float().flatten(1, -2)  # (B, M, V)
+        logits = (yield flat.view(shape)).float().flatten(1, -2)  # (B, M, V)
         sampled = sample_tokens(logits, temperature, generator)  # (B, M)
         log_prob = logits.log_softmax(dim=-1).gather(-1, sampled[..., None])[..., 0]  # (B, M)
         noise = choice_temperature * (1 - step / steps) * gumbel_noise(log_prob.shape, generator)
@@ -310,9 +318,41 @@ def unmask(
         hidden = confidence.topk(masked_count(step, steps, total), dim=1, largest=False).indices  # (B, n)
         masked = torch.zeros_like(masked).scatter_(1, hidden, True)
         flat = flat.masked_fill(masked, mask_id)
-        if on_step is not None:
-            on_step(step, flat.view(shape))
     return flat.view(shape)
+
+
+def advance(iterations: Unmasking, logits: Tensor) -> tuple[Tensor, bool]:
+    """Send `iterations` the logits it asked for: the tokens after that iteration, and whether it was the
+    last (no mask left)."""
+    try:
+        return iterations.send(logits), False
+    except StopIteration as finished:
+        return finished.value, True
+
+
+def unmask(
+    logits_of: Callable[[Tensor], Tensor],
+    tokens: Tensor,
+    mask_id: int,
+    steps: int,
+    temperature: float,
+    generator: torch.Generator,
+    on_step: Callable[[int, Tensor], None] | None = None,
+    *,
+    choice_temperature: float,
+) -> Tensor:
+    """`unmasking` with `logits_of(tokens)` giving each iteration's logits; `on_step(k, tokens)` after
+    iteration k. Returns `tokens` (B, F, H, W) with no mask left."""
+    iterations = unmasking(
+        tokens, mask_id, steps, temperature, generator, choice_temperature=choice_temperature
+    )
+    tokens, last, step = next(iterations), False, 0
+    while not last:
+        tokens, last = advance(iterations, logits_of(tokens))
+        step += 1
+        if on_step is not None:
+            on_step(step, tokens)
+    return tokens
 
 
 def new_generator(seed: int, device: torch.device | str) -> torch.Generator:

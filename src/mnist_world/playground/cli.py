@@ -6,6 +6,7 @@ sampling), the tracker's settings from the action store, as in the stages.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -32,7 +33,8 @@ Actions = Annotated[Path, typer.Option(help="Action store (the true moves).")]
 Params = Annotated[Path, typer.Option(help="Params file: data, tokens and sample are read.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, mps or auto (cuda, then mps, then cpu).")]
 # One thread by default: on a busy 2-core CPU two threads per frame wait on each other (a patch-4 frame took
-# 0.13 s on one thread, 0.9 s on two; benchmarks/playground_latency.py), and tabs then dream side by side.
+# 0.13 s on one thread, 0.9 s on two; benchmarks/playground_latency.py); the cores are used by one dreaming
+# worker each (`--workers`), side by side.
 # Replay uses the same count, since another thread count may round differently and sample other tokens.
 Threads = Annotated[int, typer.Option(min=1, help="torch CPU threads (play and replay must agree).")]
 MAX_RECORDING_BYTES = 64 * 1024 * 1024  # a recording's frames at their bound take about 8 MB
@@ -86,6 +88,12 @@ def play(
     ] = None,
     device: Device = "cpu",
     threads: Threads = 1,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Threads dreaming the pages' frames [on a CPU: its cores // --threads; else 1]."
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (not loopback: reachable by others).")] = (
         "127.0.0.1"
     ),
@@ -107,6 +115,8 @@ def play(
         resolved = str(resolve_device(device))
     except ValueError as error:
         _fail(str(error))
+    if workers is None:
+        workers = max(1, len(os.sched_getaffinity(0)) // threads) if resolved == "cpu" else 1
     checkpoints = [str(path) for path in checkpoint or [Path("models/best.pt")]]
     settings = PlaySettings(
         checkpoint=checkpoints[0],
@@ -124,6 +134,7 @@ def play(
         keep=keep,
         step_px=step_px,
         device=resolved,
+        workers=workers,
     )
     if not is_loopback(host):
         typer.echo(

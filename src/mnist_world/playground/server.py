@@ -88,6 +88,7 @@ class PlaySettings:
     keep: int | None = None  # frames kept when the context slides; None: the checkpoint's past frames
     step_px: float | None = None  # one arrow-key step in pixels of a frame; None: the data's typical move
     device: str = "cpu"
+    workers: int = 1  # threads dreaming the sessions' frames, their model calls batched (`CallBatcher`)
     overlay: bool = True  # mark the ego digit, tracked with the action store's tracker settings
     checkpoints: tuple[str, ...] = ()  # further checkpoints a page may choose
     models: str | None = "models"  # and every *.pt in this folder
@@ -115,7 +116,7 @@ class WorldLoader:
             if cached is not None and cached[0] == stamp:
                 self._worlds.move_to_end(checkpoint)
                 return cached[1]
-            world = load_world(checkpoint, self._data, self.settings.device)
+            world = load_world(checkpoint, self._data, self.settings.device, self.settings.workers)
             self._worlds[checkpoint] = (stamp, world)
             while len(self._worlds) > MAX_WORLDS:
                 self._worlds.popitem(last=False)

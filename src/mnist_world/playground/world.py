@@ -128,8 +128,11 @@ def check_fit(arch: Architecture, data: ValidationData, past_frames: int, checkp
         )
 
 
-def load_world(checkpoint: str | Path, data: ValidationData, device: str | torch.device = "cpu") -> World:
-    """The checkpoint's model on `device`, checked against `data`."""
+def load_world(
+    checkpoint: str | Path, data: ValidationData, device: str | torch.device = "cpu", workers: int = 1
+) -> World:
+    """The checkpoint's model on `device`, checked against `data`; its sessions' frames dreamed by `workers`
+    threads (`CallBatcher`)."""
     device = torch.device(device)
     try:
         model, payload = load_model(checkpoint, device)
@@ -142,4 +145,5 @@ def load_world(checkpoint: str | Path, data: ValidationData, device: str | torch
     check_fit(model.arch, data, past, str(checkpoint))
     dropout = float(train.get("action_dropout", 0.0))
     objectives = train.get("objectives")
-    return World(model, data, past, str(checkpoint), device, objectives, dropout, CallBatcher(model))
+    batcher = CallBatcher(model, workers)
+    return World(model, data, past, str(checkpoint), device, objectives, dropout, batcher)
