@@ -16,7 +16,8 @@ temperature come from params.yaml's `sample` section, the playground's defaults.
 With --arrows it times nothing and measures instead how far the ego digit moves per arrow press: for
 --sequences validation sequences spread over the split, each arrow (and "still", no key) is held for --hold
 frames after the given past, one arrow step being the page's default (the data's median move), and the
-playground's tracker follows the ego digit's centre through the given and dreamed frames. Per frame it
+overlay's tracker (`LiveTrack`: the given frames tracked whole, then each new frame searched as it comes)
+follows the ego digit's centre through the given and dreamed frames. Per frame it
 reports the move along the commanded axis, its ratio to the commanded step, the same net of "still" on the
 same sequence (what the arrow adds to the digit's own motion), and the perpendicular drift, in pixels of the
 tokens. The true frames under the dataset's own actions are the tracker's reference.
@@ -38,7 +39,7 @@ from mnist_world import config
 from mnist_world.model.network import Architecture, build_model
 from mnist_world.playground.dreamer import SamplerSettings
 from mnist_world.playground.protocol import StepRequest
-from mnist_world.playground.session import Session, overlay_centres
+from mnist_world.playground.session import Session
 from mnist_world.playground.world import PlaygroundError, ValidationData, World, load_world
 
 TARGET_S = 0.5  # the playground's promise: the next frame within half a second
@@ -84,10 +85,11 @@ def held_moves(
     """The ego digit's tracked moves (hold, 2) in pixels, (dx, dy) per frame, while `action` is held for
     `hold` frames after the given past; None when no frame shows the ego digit apart from the others."""
     session = Session(world, sequence, seed=0, settings=settings, overlay=True)
+    if session.live is None:
+        return None
     for _ in range(hold):
         session.step(StepRequest("arrows", len(session.frames), action, settings.temperature, False))
-    centres = overlay_centres(world.data.tracker, np.stack(session.frames[-world.arch.frames :]))
-    return None if centres is None else np.diff(centres[-(hold + 1) :], axis=0)
+    return np.diff(np.stack(session.live.centres[-(hold + 1) :]), axis=0)  # the overlay the page draws
 
 
 def true_moves(world: World, sequence: int, hold: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -96,10 +98,12 @@ def true_moves(world: World, sequence: int, hold: int) -> tuple[np.ndarray, np.n
     data, past = world.data, world.past_frames
     truth = data.sequence(sequence)
     pixels = data.to_pixels(truth.tokens[: past + hold])  # what the model was given, continued truly
-    centres = overlay_centres(data.tracker, pixels)
-    if centres is None:
+    live = data.tracker.live(pixels[:past])  # followed frame by frame, as the page's overlay is
+    if live is None:
         return None
-    return np.diff(centres[past - 1 :], axis=0), truth.actions[past : past + hold] * data.frame_size / 2
+    centres = [live.add(data.tracker.pixels(frame)) for frame in pixels[past:]]
+    moves = np.diff(np.stack([live.centres[past - 1], *centres]), axis=0)
+    return moves, truth.actions[past : past + hold] * data.frame_size / 2
 
 
 def arrow_table(world: World, settings: SamplerSettings, sequences: int, hold: int) -> None:

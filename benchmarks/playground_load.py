@@ -8,9 +8,10 @@ changing every few frames).
 
 The server runs pinned to --cpus (taskset) with its defaults (one torch thread, one dreaming worker per CPU,
 the params' sampler); each client steps as fast as its frames come (a page at full speed), so the figures
-are the server's capacity (the clients run on the same machine, sharing its CPUs). Reports per client the frames per second, and over all frames the p50 / p95 / max latency (from sending
-"step" to receiving the frame), the errors (any error message or dropped connection), and the server's
-resident memory before the clients, at its peak, and after they have gone (their sessions ended).
+are the server's capacity (the clients run on the same machine, sharing its CPUs). Reports per client the
+frames per second, and over all frames the p50 / p95 / max latency (from sending "step" to receiving the
+frame), the errors (any error message or dropped connection), and the server's resident memory before the
+clients, at its peak, and after they have gone (their sessions ended).
 """
 
 from __future__ import annotations
