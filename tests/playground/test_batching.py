@@ -187,6 +187,22 @@ def test_an_idle_worker_thread_ends_and_the_next_frame_starts_another(monkeypatc
     assert worker._thread is not None and worker._thread is not first
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # what killed it
+def test_a_worker_thread_that_fails_fails_its_frames_and_the_next_frame_starts_another(monkeypatch):
+    model = Recording()
+    session, settings = sessions(model, CallBatcher(model))[0]
+
+    def broken(self, group):
+        raise MemoryError("the worker itself")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(dreamer.Worker, "_answer", broken)
+        with pytest.raises(MemoryError, match="the worker itself"):
+            session.next_frame(torch.zeros(2), settings, new_generator(0, "cpu"))
+    assert session.worker._thread is None  # it ended, raising (threads report what killed them)
+    assert session.next_frame(torch.zeros(2), settings, new_generator(0, "cpu")).shape == (SIZE, SIZE)
+
+
 def test_a_dreamer_refuses_a_batcher_of_another_model():
     model, other = Recording(), Recording()
     tokens = torch.zeros((2, SIZE, SIZE), dtype=torch.long)

@@ -218,15 +218,26 @@ class Worker:
 
     def _serve(self) -> None:
         torch.set_num_threads(self.batcher.threads)
-        while self._start_round():
-            self._expected = len(self._active)
-            while self._active:  # one pass: every frame's call answered
-                with torch.no_grad():
-                    for append in (False, True):
-                        group = [job for job in self._active if job.call and job.call.append == append]
-                        if group:
-                            self._answer(group)
-                self._active = [job for job in self._active if not job.done.is_set()]
+        try:
+            while self._start_round():
+                self._expected = len(self._active)
+                while self._active:  # one pass: every frame's call answered
+                    with torch.no_grad():
+                        for append in (False, True):
+                            group = [job for job in self._active if job.call and job.call.append == append]
+                            if group:
+                                self._answer(group)
+                    self._active = [job for job in self._active if not job.done.is_set()]
+        except (
+            BaseException
+        ) as error:  # the thread's own failure: no frame waits for it, the next starts another
+            with self._condition:
+                self._thread = None
+                for job in self._active + self._arrived:
+                    if not job.done.is_set():
+                        job.finish(error=error)
+                self._active, self._arrived = [], []
+            raise
 
     def _start_round(self) -> bool:
         """Take the frames that arrived, once as many as the last round had are there (or `gather_s` after
