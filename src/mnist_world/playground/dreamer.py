@@ -6,10 +6,10 @@ number of temporal positions; when the context fills them it slides: the newest 
 afresh at positions 0..keep-1 (a frame's keys carry its position, so cached keys cannot simply shift).
 
 A frame's dreaming is a coroutine (`Dreamer.dream`) that yields its model calls. Alone, each call runs on its
-own (`dream_alone`). Sessions dreaming at the same time hand their frames to one `CallBatcher`, which runs
-them all on its thread: each unmasking iteration of the frames being dreamed, and the decoded frames joining
-their contexts, is one call (`ContextBatch`) instead of one small call per session competing for the cores,
-with nothing handed between threads in between. Each session still samples with its own generator and
+own (`dream_alone`). Sessions dreaming at the same time hand their frames to a `CallBatcher`, whose worker
+threads run them: each unmasking iteration of the frames being dreamed, and the decoded frames joining their
+contexts, is one call (`ContextBatch`) instead of one small call per session competing for the cores, with
+nothing handed between threads in between. Each session still samples with its own generator and
 settings; only the model calls are shared. A lone session's call is its own, so its frames equal a replay's
 exactly; beside others its logits equal its own call's up to float rounding (a token at a near-tie may then
 differ from the replay's).
@@ -290,11 +290,11 @@ class Dreamer:
     ) -> None:
         """Start after the given frames: tokens (C, H, W) ids and their actions (C, 2), on the model's device;
         `keep` frames stay in the context when it slides (1 <= keep < the model's frames). With a `batcher`,
-        each frame is dreamed on its thread, the model calls shared with the other sessions dreaming then."""
+        each frame is dreamed on one of its worker threads, the model calls shared with the other sessions
+        dreaming there."""
         if batcher is not None and batcher.model is not model:
             raise ValueError("the batcher shares another model's calls than the one dreaming")
         self.model = model
-        self.worker = None if batcher is None else batcher.seat(self)
         self.window = model.arch.frames
         if not 1 <= keep < self.window:
             raise ValueError(f"keep must be in [1, {self.window - 1}] for a model of {self.window} frames")
@@ -302,6 +302,7 @@ class Dreamer:
             raise ValueError(f"start with 1 to {self.window - 1} frames, got {tokens.shape[0]}")
         self.keep = keep
         self.context = Context.encode(model, tokens[None].long(), actions[None].float())
+        self.worker = None if batcher is None else batcher.seat(self)
 
     @property
     def context_frames(self) -> int:
