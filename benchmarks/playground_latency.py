@@ -188,7 +188,9 @@ def main(
         Path | None, typer.Option(help="Time this checkpoint instead of random weights.")
     ] = None,
     patch_sizes: Annotated[str, typer.Option(help="Patch sizes of the random-weight model.")] = "1,4",
-    steps: Annotated[int | None, typer.Option(help="Unmasking iterations per frame [sample.steps].")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="Unmasking iterations per frame (default: sample.steps).")
+    ] = None,
     frames: Annotated[int, typer.Option(help="Frames timed per run (after two warm-up frames).")] = 24,
     threads: Annotated[str, typer.Option(help="torch CPU thread counts to try, comma-separated.")] = "1,2",
     params: Annotated[

@@ -96,7 +96,8 @@ def main(
     ] = "0,1",
     threads: Annotated[int, typer.Option(min=1, help="The server's torch threads (its --threads).")] = 1,
     workers: Annotated[
-        int | None, typer.Option(min=1, help="The server's dreaming workers (its --workers) [its default].")
+        int | None,
+        typer.Option(min=1, help="The server's dreaming workers (its --workers; unset: its default)."),
     ] = None,
 ) -> None:
     script = Path(sys.executable).with_name("mnist-world")

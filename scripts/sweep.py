@@ -73,7 +73,7 @@ def main(
     param: Annotated[str, typer.Argument(help="The swept param, e.g. model.layers.")],
     metrics: Annotated[list[str], typer.Argument(help="Metrics to tabulate and draw, e.g. point.mse.")],
     output: Annotated[Path, typer.Option(help="Folder for sweep.csv and sweep.png.")] = Path("reports/sweep"),
-    csv: Annotated[Path | None, typer.Option(help="A saved `dvc exp show --csv` [run it].")] = None,
+    csv: Annotated[Path | None, typer.Option(help="A saved `dvc exp show --csv` (default: run it).")] = None,
 ) -> None:
     """Tabulate and draw the experiments of this repository (or of a saved `dvc exp show --csv`)."""
     if csv is not None:

@@ -24,7 +24,8 @@ from mnist_world.playground.recording import Recording, animation_gif, replay
 from mnist_world.playground.server import Playground, PlaySettings, is_loopback, make_server
 from mnist_world.playground.world import PlaygroundError, ValidationData, load_world
 
-app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+# Plain help text: the options name their defaults in brackets, which rich markup would drop as tags.
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 
 Checkpoint = Annotated[Path, typer.Option(help="The checkpoint to play.")]
 Tokens = Annotated[Path, typer.Option(help="Token store.")]
