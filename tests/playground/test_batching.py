@@ -191,6 +191,8 @@ def test_an_idle_worker_thread_ends_and_the_next_frame_starts_another(monkeypatc
 def test_a_worker_thread_that_fails_fails_its_frames_and_the_next_frame_starts_another(monkeypatch):
     model = Recording()
     session, settings = sessions(model, CallBatcher(model))[0]
+    session.next_frame(torch.zeros(2), settings, new_generator(0, "cpu"))
+    thread = session.worker._thread
 
     def broken(self, group):
         raise MemoryError("the worker itself")
@@ -199,7 +201,9 @@ def test_a_worker_thread_that_fails_fails_its_frames_and_the_next_frame_starts_a
         patched.setattr(dreamer.Worker, "_answer", broken)
         with pytest.raises(MemoryError, match="the worker itself"):
             session.next_frame(torch.zeros(2), settings, new_generator(0, "cpu"))
-    assert session.worker._thread is None  # it ended, raising (threads report what killed them)
+    assert session.worker._thread is None
+    thread.join(timeout=30)  # it ended, raising (threads report what killed them)
+    assert not thread.is_alive()
     assert session.next_frame(torch.zeros(2), settings, new_generator(0, "cpu")).shape == (SIZE, SIZE)
 
 
