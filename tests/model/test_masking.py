@@ -15,6 +15,7 @@ from mnist_world.model.masking import (
     identity_mask,
     make_batch,
     mask_ratios,
+    next_frame_mask,
 )
 
 LEVELS, FRAMES, PAST, SIZE = 16, 6, 2, 8
@@ -92,6 +93,25 @@ def test_cut_past_gives_a_share_of_the_sequences_a_shorter_past_and_hides_the_fr
     # None cut: every sequence is given its whole past; a one-frame past has nothing to cut.
     assert not batch_for("future", data).loss_mask[:, :PAST].any()
     assert not batch_for("future", data, cut_past=1.0, past_frames=1).loss_mask[:, :1].any()
+
+
+def test_next_hides_each_future_frame_on_its_own_after_the_clean_frames_before_it() -> None:
+    # Frames 0..4 are read clean; hidden frame 2 sees clean 0-1, hidden 3 sees clean 0-2, and so on.
+    assert next_frame_mask(5, past=2).tolist() == [
+        [True, True, False, False, True, False, False],
+        [True, True, True, False, False, True, False],
+        [True, True, True, True, False, False, True],
+    ]
+    data = tokens()
+    batch = batch_for("next", data, noise_eta=0.2)
+    assert (batch.first, batch.context) == (PAST, FRAMES - 1)
+    assert batch.inputs.shape == data[:, PAST:].shape
+    assert torch.equal(batch.temporal_mask, next_frame_mask(FRAMES, PAST))
+    hidden = batch.inputs == LEVELS
+    assert torch.equal(batch.inputs[~batch.loss_mask], data[:, PAST:][~batch.loss_mask])
+    assert (batch.loss_mask & ~hidden).any()  # noised tokens join the loss
+    share = hidden.float().mean(dim=(2, 3))  # one ratio per sequence and frame
+    assert bool(hidden.any(dim=(2, 3)).all()) and share.std(dim=1).mean() > 0.05
 
 
 def test_joint_hides_every_frame_with_bidirectional_attention() -> None:

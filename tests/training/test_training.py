@@ -24,11 +24,12 @@ from mnist_world.core.store import create_store, write_sequences
 from mnist_world.data.dataset import load_split
 from mnist_world.data.tokens import bin_centres, token_attributes
 from mnist_world.model.checkpoint import CheckpointError, load_checkpoint, load_model
-from mnist_world.model.masking import make_batch, masked_cross_entropy
+from mnist_world.model.masking import causal_mask, make_batch, masked_cross_entropy
 from mnist_world.model.network import Architecture, build_model
+from mnist_world.model.sampling import Context
 from mnist_world.training.epoch import DivergenceError
 from mnist_world.training.fit import run_params, train
-from mnist_world.training.learner import Learner, lr_factor
+from mnist_world.training.learner import Learner, lr_factor, train_step
 from mnist_world.training.run_folder import run_differences
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,6 +128,32 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch() -> None:
     before.backward()
     optimizer.step()
     assert loss().item() < before.item() - 1e-3
+
+
+def test_the_next_objective_scores_each_frame_as_frame_by_frame_sampling_decodes_it() -> None:
+    """Its two passes (the clean frames' keys and values, then the hidden frames against them) give each
+    hidden frame the logits the sampler computes for it after the true frames before it; a step learns."""
+    torch.manual_seed(0)
+    model = build_model(ARCH).eval()
+    tokens, actions = sequences(8)
+    tokens = tokens.long()
+    config = dataclasses.replace(CONFIG, objectives={"next": 1.0}, past_frames=1, noise_eta=0.0)
+    batch = make_batch("next", tokens, config, LEVELS, torch.Generator().manual_seed(0))
+    _, cache = model(tokens[:, : batch.context], actions[:, : batch.context], causal_mask(batch.context))
+    logits, _ = model(batch.inputs, actions[:, 1:], batch.temporal_mask, cache=cache, start_frame=1)
+    for frame in range(1, FRAMES):
+        context = Context.encode(model, tokens[:, :frame], actions[:, : frame + 1])
+        own = context.logits(model, batch.inputs[:, frame - 1 : frame])  # (B, 1, H, W, levels)
+        torch.testing.assert_close(logits[:, frame - 1 : frame], own, rtol=1e-5, atol=1e-5)
+    learner = Learner.build(ARCH, config, total_steps=10, device=torch.device("cpu"))
+    learner.model.load_state_dict(model.state_dict())
+    learner.model.eval()  # no dropout: the same batch gives the same loss before and after
+    masks = [torch.Generator().manual_seed(1) for _ in range(2)]
+    before = train_step(learner.model, learner, tokens, actions, "next", config, masks[0], None)
+    after = train_step(learner.model, learner, tokens, actions, "next", config, masks[1], None)
+    assert after.item() < before.item()
+    with pytest.raises(ValueError, match="train.objectives.next: needs train.nproc 1"):
+        from_params(TrainConfig, objectives={"next": 1.0}, nproc=2)
 
 
 def test_hidden_actions_train_the_unknown_action(tmp_path: Path) -> None:

@@ -140,7 +140,7 @@ class ModelConfig:
         return self
 
 
-OBJECTIVES = ("future", "joint", "individual")
+OBJECTIVES = ("future", "joint", "individual", "next")
 
 
 @section("train")
@@ -208,6 +208,11 @@ class TrainConfig:
         require(
             abs(sum(self.objectives.values()) - 1.0) < 1e-6,
             f"train.objectives: weights must sum to 1, got {sum(self.objectives.values()):g}",
+        )
+        require(
+            self.nproc == 1 or not self.objectives.get("next"),
+            "train.objectives.next: needs train.nproc 1 (its two model passes a step are not synchronised "
+            "across processes)",
         )
         require(0 <= self.noise_eta < 1, "train.noise_eta: must be in [0, 1)")
         require(0 <= self.frame_ratios <= 1, "train.frame_ratios: must be in [0, 1]")

@@ -40,6 +40,15 @@ def identity_mask(frames: int, device: torch.device | str | None = None) -> Tens
     return torch.eye(frames, dtype=torch.bool, device=device)
 
 
+def next_frame_mask(frames: int, past: int, device: torch.device | str | None = None) -> Tensor:
+    """(frames - past, frames - 1 + frames - past): each of the hidden frames after `past` given ones, read
+    after the clean frames 0..frames - 2, sees the clean frames before it and itself, as frame-by-frame
+    sampling decodes it (the `next` objective)."""
+    hidden = torch.arange(past, frames, device=device)[:, None]  # (F, 1) the hidden frames' times
+    clean = torch.arange(frames - 1, device=device)[None, :] < hidden  # (F, T - 1)
+    return torch.cat([clean, identity_mask(frames - past, device=device)], dim=1)
+
+
 def full_mask(frames: int, past: int = 0, device: torch.device | str | None = None) -> Tensor:
     """(frames, past + frames): bidirectional attention across all frames."""
     return torch.ones(frames, past + frames, dtype=torch.bool, device=device)
@@ -64,9 +73,14 @@ def mask_ratios(shape: tuple[int, ...], config: TrainConfig, generator: torch.Ge
 class MaskedBatch:
     """One objective applied to a batch: what the model sees, where it is scored, how frames attend."""
 
-    inputs: Tensor  # (B, T, H, W) int64 token ids, mask id where hidden, a random level where noised
-    loss_mask: Tensor  # (B, T, H, W) bool: hidden or noised tokens, the ones the loss is taken on
-    temporal_mask: Tensor  # (T, T) bool
+    inputs: (
+        Tensor  # (B, T', H, W) int64 token ids of frames first.., mask id where hidden, a random level where
+    )
+    #   noised
+    loss_mask: Tensor  # (B, T', H, W) bool: hidden or noised tokens, the ones the loss is taken on
+    temporal_mask: Tensor  # (T', context + T') bool
+    first: int = 0  # the frame `inputs` start at: T' = T - first
+    context: int = 0  # clean frames 0..context - 1 the model reads first, their keys/values attended to
 
 
 def make_batch(
@@ -81,6 +95,10 @@ def make_batch(
     joint: tokens of every frame hidden with one r per sequence; bidirectional attention.
     individual: one r per sequence and frame; each frame sees only itself (what classifier-free guidance
         needs: the model's prediction of a frame without context).
+    next: the frames after `config.past_frames` are hidden, one r per sequence and frame, each seeing the
+        clean frames before it and itself (`next_frame_mask`): every future frame trained as frame-by-frame
+        sampling decodes it, after a context of true frames. `inputs` holds the hidden frames alone
+        (`first` = past_frames); the model reads the clean frames 0..T-2 first (`context`).
     Every sequence (every frame, for `individual`) hides at least one token, so a ratio near 0 from the
     cosine schedule never leaves a sample without a loss.
     """
@@ -88,6 +106,8 @@ def make_batch(
         raise ValueError(f"unknown objective '{objective}' (known: {', '.join(OBJECTIVES)})")
     batch, frames = tokens.shape[:2]
     device = tokens.device
+    if objective == "next":
+        return _next_frames(tokens, config, levels, generator)
     if objective == "future":
         if not 0 < config.past_frames < frames:
             raise ValueError(f"train.past_frames={config.past_frames} must be in [1, {frames - 1}]")
@@ -122,16 +142,46 @@ def make_batch(
     inputs = tokens.masked_fill(hidden, levels)  # levels is the mask id
     loss_mask = hidden
 
-    if config.noise_eta > 0:
-        # CoPilot4D: replace up to eta of the visible tokens of the region with random levels, so the model
-        # also learns to doubt what it sees (as it must at sampling time); they join the loss.
-        noise_ratio = config.noise_eta * torch.rand(ratio_shape, generator=generator, device=device)
-        noise_draw = torch.rand(tokens.shape, generator=generator, device=device)
-        noised = ~hidden & (noise_draw < noise_ratio) & (draw <= 1.0)
-        random_levels = torch.randint(0, levels, tokens.shape, generator=generator, device=device)
-        inputs = torch.where(noised, random_levels, inputs)
-        loss_mask = hidden | noised
+    if config.noise_eta > 0:  # the given past is never noised
+        inputs, loss_mask = noise_visible(inputs, hidden, draw <= 1.0, ratio_shape, config, levels, generator)
     return MaskedBatch(inputs=inputs, loss_mask=loss_mask, temporal_mask=temporal_mask)
+
+
+def noise_visible(
+    inputs: Tensor,
+    hidden: Tensor,
+    allowed: Tensor | bool,
+    ratio_shape: tuple[int, ...],
+    config: TrainConfig,
+    levels: int,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """CoPilot4D's noising: up to `config.noise_eta` of the visible (`allowed`) tokens of each region (one
+    ratio per entry of `ratio_shape`) replaced with random levels, so the model also learns to doubt what it
+    sees (as it must at sampling time). Returns the inputs and the loss mask, the noised tokens joining it."""
+    device = inputs.device
+    noise_ratio = config.noise_eta * torch.rand(ratio_shape, generator=generator, device=device)
+    noise_draw = torch.rand(inputs.shape, generator=generator, device=device)
+    noised = ~hidden & (noise_draw < noise_ratio) & allowed
+    random_levels = torch.randint(0, levels, inputs.shape, generator=generator, device=device)
+    return torch.where(noised, random_levels, inputs), hidden | noised
+
+
+def _next_frames(tokens: Tensor, config: TrainConfig, levels: int, generator: torch.Generator) -> MaskedBatch:
+    """The `next` objective's batch: the frames after the past, each hidden (and noised) on its own."""
+    frames, past = tokens.shape[1], config.past_frames
+    if not 0 < past < frames:
+        raise ValueError(f"train.past_frames={past} must be in [1, {frames - 1}]")
+    future = tokens[:, past:]  # (B, F, H, W)
+    ratio_shape = (future.shape[0], future.shape[1], 1, 1)
+    ratio = mask_ratios(ratio_shape, config, generator)
+    draw = torch.rand(future.shape, generator=generator, device=tokens.device)
+    hidden = (draw < ratio) | (draw == draw.amin(dim=(2, 3), keepdim=True))  # at least one a frame
+    inputs, loss_mask = future.masked_fill(hidden, levels), hidden
+    if config.noise_eta > 0:
+        inputs, loss_mask = noise_visible(inputs, hidden, True, ratio_shape, config, levels, generator)
+    mask = next_frame_mask(frames, past, device=tokens.device)
+    return MaskedBatch(inputs, loss_mask, mask, first=past, context=frames - 1)
 
 
 def hide_actions(actions: Tensor, share: float, generator: torch.Generator) -> Tensor:

@@ -16,7 +16,7 @@ from torch import Tensor
 from mnist_world.config import TrainConfig
 from mnist_world.core.devices import autocast, describe_machine
 from mnist_world.core.randomness import set_rng_state
-from mnist_world.model.masking import hide_actions, make_batch, masked_cross_entropy
+from mnist_world.model.masking import causal_mask, hide_actions, make_batch, masked_cross_entropy
 from mnist_world.model.network import Architecture, WorldModel
 
 
@@ -116,9 +116,15 @@ def train_step(
     (detached, on the device: reading it would make a GPU wait)."""
     batch = make_batch(objective, tokens, config, learner.model.arch.levels, masks)
     actions = hide_actions(actions, config.action_dropout, masks)
+    first = batch.first
     with autocast(tokens.device, amp):
-        logits, _ = net(batch.inputs, actions, batch.temporal_mask)  # (B, T, H, W, levels)
-    loss, _, _ = masked_cross_entropy(logits, tokens, batch.loss_mask, config.label_smoothing)
+        cache, start = None, None
+        if batch.context:  # the clean frames' keys and values first, the hidden frames then attend to them
+            clean = causal_mask(batch.context, device=tokens.device)
+            _, cache = net(tokens[:, : batch.context], actions[:, : batch.context], clean)
+            start = first
+        logits, _ = net(batch.inputs, actions[:, first:], batch.temporal_mask, cache=cache, start_frame=start)
+    loss, _, _ = masked_cross_entropy(logits, tokens[:, first:], batch.loss_mask, config.label_smoothing)
     learner.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(learner.model.parameters(), config.grad_clip)
