@@ -123,6 +123,7 @@ def train_step(
             clean = causal_mask(batch.context, device=tokens.device)
             _, cache = net(tokens[:, : batch.context], actions[:, : batch.context], clean)
             start = first
+        # (B, T - first, H, W, levels)
         logits, _ = net(batch.inputs, actions[:, first:], batch.temporal_mask, cache=cache, start_frame=start)
     loss, _, _ = masked_cross_entropy(logits, tokens[:, first:], batch.loss_mask, config.label_smoothing)
     learner.optimizer.zero_grad(set_to_none=True)
