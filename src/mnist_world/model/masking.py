@@ -73,10 +73,7 @@ def mask_ratios(shape: tuple[int, ...], config: TrainConfig, generator: torch.Ge
 class MaskedBatch:
     """One objective applied to a batch: what the model sees, where it is scored, how frames attend."""
 
-    inputs: (
-        Tensor  # (B, T', H, W) int64 token ids of frames first.., mask id where hidden, a random level where
-    )
-    #   noised
+    inputs: Tensor  # (B, T', H, W) int64 ids of frames first..T-1, mask id where hidden, random where noised
     loss_mask: Tensor  # (B, T', H, W) bool: hidden or noised tokens, the ones the loss is taken on
     temporal_mask: Tensor  # (T', context + T') bool
     first: int = 0  # the frame `inputs` start at: T' = T - first
