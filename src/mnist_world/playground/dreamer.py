@@ -147,10 +147,9 @@ class CallBatcher:
     frame's calls run back to back with nothing to hand over between them. A worker dreams in rounds: a
     round starts once as many frames have arrived as the last round had (at first, as many as its sessions),
     or `gather_s` after the first, and frames arriving later wait for the next round, so that pages stepping
-    together keep dreaming together. Workers compute
-    side by side, each with the creator's torch threads: one worker per CPU at one thread each uses the
-    cores better than one worker with a thread per CPU, whose threads sit idle through the small operations
-    and the sampling between calls.
+    together keep dreaming together. Workers compute side by side, each with the creator's torch threads:
+    one worker per CPU at one thread each uses the cores better than one worker with a thread per CPU, whose
+    threads sit idle through the small operations and the sampling between calls.
     """
 
     def __init__(self, model: Model, workers: int = 1, gather_s: float = GATHER_S) -> None:
@@ -228,9 +227,7 @@ class Worker:
                             if group:
                                 self._answer(group)
                     self._active = [job for job in self._active if not job.done.is_set()]
-        except (
-            BaseException
-        ) as error:  # the thread's own failure: no frame waits for it, the next starts another
+        except BaseException as error:  # its own failure: no frame waits for ever, the next starts a thread
             with self._condition:
                 self._thread = None
                 for job in self._active + self._arrived:
