@@ -24,12 +24,12 @@ from mnist_world.core.store import create_store, write_sequences
 from mnist_world.data.dataset import load_split
 from mnist_world.data.tokens import bin_centres, token_attributes
 from mnist_world.model.checkpoint import CheckpointError, load_checkpoint, load_model
-from mnist_world.model.masking import causal_mask, make_batch, masked_cross_entropy
+from mnist_world.model.masking import make_batch, masked_cross_entropy
 from mnist_world.model.network import Architecture, build_model
 from mnist_world.model.sampling import Context
 from mnist_world.training.epoch import DivergenceError
 from mnist_world.training.fit import run_params, train
-from mnist_world.training.learner import Learner, lr_factor, train_step
+from mnist_world.training.learner import Learner, batch_logits, lr_factor, train_step
 from mnist_world.training.run_folder import run_differences
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,8 +139,7 @@ def test_the_next_objective_scores_each_frame_as_frame_by_frame_sampling_decodes
     tokens = tokens.long()
     config = dataclasses.replace(CONFIG, objectives={"next": 1.0}, past_frames=1, noise_eta=0.0)
     batch = make_batch("next", tokens, config, LEVELS, torch.Generator().manual_seed(0))
-    _, cache = model(tokens[:, : batch.context], actions[:, : batch.context], causal_mask(batch.context))
-    logits, _ = model(batch.inputs, actions[:, 1:], batch.temporal_mask, cache=cache, start_frame=1)
+    logits = batch_logits(model, batch, tokens, actions)  # what train_step scores
     for frame in range(1, FRAMES):
         context = Context.encode(model, tokens[:, :frame], actions[:, : frame + 1])
         own = context.logits(model, batch.inputs[:, frame - 1 : frame])  # (B, 1, H, W, levels)

@@ -16,7 +16,13 @@ from torch import Tensor
 from mnist_world.config import TrainConfig
 from mnist_world.core.devices import autocast, describe_machine
 from mnist_world.core.randomness import set_rng_state
-from mnist_world.model.masking import causal_mask, hide_actions, make_batch, masked_cross_entropy
+from mnist_world.model.masking import (
+    MaskedBatch,
+    causal_mask,
+    hide_actions,
+    make_batch,
+    masked_cross_entropy,
+)
 from mnist_world.model.network import Architecture, WorldModel
 
 
@@ -102,6 +108,21 @@ class Learner:
         self.history, self.curve = list(payload["history"]), list(payload["curve"])
 
 
+def batch_logits(net: torch.nn.Module, batch: MaskedBatch, tokens: Tensor, actions: Tensor) -> Tensor:
+    """The logits (B, T - first, H, W, levels) of `batch.inputs`, made of tokens (B, T, H, W) under actions
+    (B, T, 2); for an objective with a clean context (`next`), its frames' keys and values first, which the
+    hidden frames then attend to."""
+    cache, start = None, None
+    if batch.context:
+        clean = causal_mask(batch.context, device=tokens.device)
+        _, cache = net(tokens[:, : batch.context], actions[:, : batch.context], clean)
+        start = batch.first
+    logits, _ = net(
+        batch.inputs, actions[:, batch.first :], batch.temporal_mask, cache=cache, start_frame=start
+    )
+    return logits
+
+
 def train_step(
     net: torch.nn.Module,
     learner: Learner,
@@ -116,16 +137,10 @@ def train_step(
     (detached, on the device: reading it would make a GPU wait)."""
     batch = make_batch(objective, tokens, config, learner.model.arch.levels, masks)
     actions = hide_actions(actions, config.action_dropout, masks)
-    first = batch.first
     with autocast(tokens.device, amp):
-        cache, start = None, None
-        if batch.context:  # the clean frames' keys and values first, the hidden frames then attend to them
-            clean = causal_mask(batch.context, device=tokens.device)
-            _, cache = net(tokens[:, : batch.context], actions[:, : batch.context], clean)
-            start = first
-        # (B, T - first, H, W, levels)
-        logits, _ = net(batch.inputs, actions[:, first:], batch.temporal_mask, cache=cache, start_frame=start)
-    loss, _, _ = masked_cross_entropy(logits, tokens[:, first:], batch.loss_mask, config.label_smoothing)
+        logits = batch_logits(net, batch, tokens, actions)
+    targets = tokens[:, batch.first :]
+    loss, _, _ = masked_cross_entropy(logits, targets, batch.loss_mask, config.label_smoothing)
     learner.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(learner.model.parameters(), config.grad_clip)
