@@ -103,11 +103,11 @@ def make_batch(
         raise ValueError(f"unknown objective '{objective}' (known: {', '.join(OBJECTIVES)})")
     batch, frames = tokens.shape[:2]
     device = tokens.device
+    if objective in ("future", "next") and not 0 < config.past_frames < frames:
+        raise ValueError(f"train.past_frames={config.past_frames} must be in [1, {frames - 1}]")
     if objective == "next":
         return _next_frames(tokens, config, levels, generator)
     if objective == "future":
-        if not 0 < config.past_frames < frames:
-            raise ValueError(f"train.past_frames={config.past_frames} must be in [1, {frames - 1}]")
         ratio_shape, region_dims = (batch, 1, 1, 1), (1, 2, 3)
         temporal_mask = causal_mask(frames, device=device)
     elif objective == "joint":
@@ -134,14 +134,19 @@ def make_batch(
             given = torch.where(cut, shorter, given)
         past = torch.arange(frames, device=device) < given  # (B, T)
         draw[past] = 2.0  # above any ratio: the given past is never hidden (nor the minimum)
-    # The smallest draw of each region is always hidden: at least one scored token per region.
-    hidden = (draw < ratio) | (draw == draw.amin(dim=region_dims, keepdim=True))
+    hidden = hide(draw, ratio, region_dims)
     inputs = tokens.masked_fill(hidden, levels)  # levels is the mask id
     loss_mask = hidden
 
     if config.noise_eta > 0:  # the given past is never noised
         inputs, loss_mask = noise_visible(inputs, hidden, draw <= 1.0, ratio_shape, config, levels, generator)
     return MaskedBatch(inputs=inputs, loss_mask=loss_mask, temporal_mask=temporal_mask)
+
+
+def hide(draw: Tensor, ratio: Tensor, region_dims: tuple[int, ...]) -> Tensor:
+    """The tokens whose uniform `draw` falls below their region's `ratio`, and the smallest draw of each
+    region (over `region_dims`) always: at least one scored token per region."""
+    return (draw < ratio) | (draw == draw.amin(dim=region_dims, keepdim=True))
 
 
 def noise_visible(
@@ -167,13 +172,11 @@ def noise_visible(
 def _next_frames(tokens: Tensor, config: TrainConfig, levels: int, generator: torch.Generator) -> MaskedBatch:
     """The `next` objective's batch: the frames after the past, each hidden (and noised) on its own."""
     frames, past = tokens.shape[1], config.past_frames
-    if not 0 < past < frames:
-        raise ValueError(f"train.past_frames={past} must be in [1, {frames - 1}]")
     future = tokens[:, past:]  # (B, F, H, W)
     ratio_shape = (future.shape[0], future.shape[1], 1, 1)
     ratio = mask_ratios(ratio_shape, config, generator)
     draw = torch.rand(future.shape, generator=generator, device=tokens.device)
-    hidden = (draw < ratio) | (draw == draw.amin(dim=(2, 3), keepdim=True))  # at least one a frame
+    hidden = hide(draw, ratio, (2, 3))
     inputs, loss_mask = future.masked_fill(hidden, levels), hidden
     if config.noise_eta > 0:
         inputs, loss_mask = noise_visible(inputs, hidden, True, ratio_shape, config, levels, generator)
