@@ -1464,3 +1464,31 @@ def test_a_signal_while_a_finished_stage_shuts_down_is_ignored(tmp_path: Path) -
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
     assert (process.returncode, stderr) == (0, "")
+
+
+@pytest.mark.parametrize(("sent", "status", "words"), INTERRUPTS, ids=["ctrl-c", "sigterm"])
+def test_an_interrupt_inside_a_weakref_callback_still_stops_the_stage(
+    tmp_path: Path, sent: int, status: int, words: str
+) -> None:
+    """The garbage collector runs finalizers and weakref callbacks (zarr's, asyncio's) between any two lines;
+    a handler that raises inside one has its exception printed with a traceback and dropped. The stage must
+    still stop, in one line."""
+    script = tmp_path / "stage.py"
+    script.write_text(
+        "import signal, time, weakref\n"
+        "from mnist_world import cli\n"
+        "class Thing: pass\n"
+        "def callback(reference):\n"
+        f"    signal.raise_signal({int(sent)})  # the stage's handler runs here, inside the callback\n"
+        "def main() -> None:\n"
+        "    thing = Thing()\n"
+        "    reference = weakref.ref(thing, callback)\n"
+        "    del thing\n"
+        "    for _ in range(100):\n"
+        "        time.sleep(0.05)\n"
+        "    print('not stopped')\n"
+        "cli.run(main)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.stdout == ""
+    assert error_line(result, status) == words + UNCHANGED

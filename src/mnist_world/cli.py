@@ -13,6 +13,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from mnist_world.core.atomic import finish_pending_io, replaced
 
 DEBUG = "MNIST_WORLD_DEBUG"
 HINT = f"{DEBUG}=1 shows the traceback"
+REDELIVERY_SECONDS = 0.1  # after an interrupt was dropped inside a finalizer (`_unraisable`)
 MAX_LENGTH = 600  # characters of an error message; beyond that it is a dump, not a message
 ADVICE = {  # errno of an OSError nobody translated -> what to do
     errno.ENOSPC: "the disk is full: free some space and run again",
@@ -125,6 +127,18 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
 
+def _unraisable(hook: Any) -> None:
+    """An interrupt whose handler ran inside a finalizer or a weakref callback (the garbage collector runs
+    them between any two lines), where Python prints the exception with its traceback and drops it: send the
+    signal again a moment later, from another thread, so that it is raised in the stage's own code once the
+    callback and this hook have returned (raised here, Python would print and drop it again)."""
+    if isinstance(hook.exc_value, KeyboardInterrupt | Terminated):
+        signum = signal.SIGINT if isinstance(hook.exc_value, KeyboardInterrupt) else signal.SIGTERM
+        threading.Timer(REDELIVERY_SECONDS, os.kill, (os.getpid(), signum)).start()
+        return
+    sys.__unraisablehook__(hook)
+
+
 def _warning_line(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
     return f"warning: {_one_line(str(message))}\n"
 
@@ -148,6 +162,7 @@ def run(main: Callable[..., Any]) -> None:
     if sys.platform != "win32":
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
+        sys.unraisablehook = _unraisable
     try:
         typer.run(command(main))
     finally:
