@@ -27,10 +27,10 @@ def tokens(batch: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 def config(**overrides: object) -> TrainConfig:
-    """params.yaml's train section with the recipe's uniform mask ratio and no noise, unless overridden."""
-    return from_params(
-        TrainConfig, **{"past_frames": PAST, "mask_schedule": "uniform", "noise_eta": 0.0, **overrides}
-    )
+    """params.yaml's train section with the recipe's uniform mask ratio, one for a sequence's whole future,
+    and no noise, unless overridden."""
+    recipe = {"mask_schedule": "uniform", "frame_ratios": 0.0, "noise_eta": 0.0}
+    return from_params(TrainConfig, **{"past_frames": PAST, **recipe, **overrides})
 
 
 def batch_for(objective: str, data: torch.Tensor, seed: int = 0, **overrides: object):
