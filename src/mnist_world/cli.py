@@ -127,7 +127,7 @@ def _stop(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
 
-def _unraisable(hook: Any) -> None:
+def _unraisable(hook: sys.UnraisableHookArgs) -> None:
     """An interrupt whose handler ran inside a finalizer or a weakref callback (the garbage collector runs
     them between any two lines), where Python prints the exception with its traceback and drops it: send the
     signal again a moment later, from another thread, so that it is raised in the stage's own code once the
