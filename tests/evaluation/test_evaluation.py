@@ -358,6 +358,22 @@ def test_more_sequences_than_the_test_split_is_an_error(inputs, tmp_path):
         run(inputs, tmp_path / "out", evaluation=from_params(EvalConfig, sequences=7))
 
 
+def test_split_val_scores_the_first_validation_sequences(inputs, tmp_path):
+    """What tuning reads: the same scores on validation sequences, the test split untouched."""
+    from mnist_world.core.store import open_array
+
+    small = from_params(EvalConfig, sequences=3, batch_size=2, samples=1, strips=0, generations=0)
+    result = run(inputs, tmp_path / "val", evaluation=small, split="val")
+    assert (result["split"], result["first_sequence"]) == ("val", DATA.train_sequences)
+    frames = open_array(inputs / "frames.zarr", "frames")[DATA.train_sequences : DATA.train_sequences + 3]
+    blank = (frames[:, PAST:].astype(np.float64) ** 2).mean()  # a blank frame's error is the truth's energy
+    assert result["blank"]["mse"] == pytest.approx(blank, rel=1e-6)
+    with pytest.raises(ValueError, match=r"eval.sequences=5 exceeds the checkpoint's 4 validation sequences"):
+        run(inputs, tmp_path / "more", evaluation=dataclasses.replace(small, sequences=5), split="val")
+    with pytest.raises(ValueError, match=r"unknown split 'train' to score"):
+        run(inputs, tmp_path / "train", evaluation=small, split="train")
+
+
 def test_a_test_split_beyond_the_store_is_an_error(inputs, tmp_path):
     """As for a checkpoint trained before the test split existed, on sequences the test split would take."""
     small = from_params(EvalConfig, sequences=1, batch_size=1, samples=1, strips=0, generations=0)

@@ -81,12 +81,14 @@ class Stores(ValidationStores):
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """What the checkpoint says about how to evaluate it: past frames, and the test and validation splits."""
+    """What the checkpoint says about how to evaluate it: past frames, the sequences scored (test, or
+    validation for tuning) and the validation split."""
 
     past: int
-    first: int  # the first test sequence
-    count: int  # test sequences scored
+    first: int  # the first sequence scored
+    count: int  # sequences scored
     validation: range  # the checkpoint's validation split (fits the blurred-last baseline)
+    split: str = "test"  # the split scored
 
     @classmethod
     def from_checkpoint(
@@ -97,6 +99,7 @@ class Run:
         frames: int,
         evaluation: EvalConfig,
         test_sequences: int,
+        split: str = "test",
     ) -> Run:
         params = payload.get("params", {})
         train, data = params.get("train", {}), params.get("data", {})
@@ -113,6 +116,18 @@ class Run:
                 f"{checkpoint}: train.past_frames={past} leaves no future in {frames} frames"
             )
         train, val = int(data["train_sequences"]), int(data.get("val_sequences", 0))
+        validation = split_range("val", train, val, total)
+        if not validation:
+            raise CheckpointError(f"{checkpoint}: no validation split to fit the blurred-last baseline on")
+        if split == "val":
+            if evaluation.sequences > val:
+                raise ValueError(
+                    f"eval.sequences={evaluation.sequences} exceeds the checkpoint's {val} validation "
+                    "sequences"
+                )
+            return cls(past, validation.start, evaluation.sequences, validation, split)
+        if split != "test":
+            raise ValueError(f"unknown split '{split}' to score (test, or val for tuning)")
         if evaluation.sequences > test_sequences:
             raise ValueError(
                 f"eval.sequences={evaluation.sequences} exceeds the {test_sequences} test sequences "
@@ -126,10 +141,7 @@ class Run:
                 f"the store holds {total}: retrain on the current split (`dvc repro train`)"
             )
         test = split_range("test", train, val, total, test_sequences=test_sequences)
-        validation = split_range("val", train, val, total)
-        if not validation:
-            raise CheckpointError(f"{checkpoint}: no validation split to fit the blurred-last baseline on")
-        return cls(past=past, first=test.start, count=evaluation.sequences, validation=validation)
+        return cls(past, test.start, evaluation.sequences, validation, split)
 
 
 def evaluate(
@@ -144,13 +156,16 @@ def evaluate(
     decode: str = "mean",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    split: str = "test",
 ) -> dict[str, Any]:
     """Score `checkpoint` on the first `evaluation.sequences` test sequences and write `output`/:
     metrics.json, per_horizon.csv, future_pred/ and generation/ (PNG strips and GIFs). Returns the metrics.
 
     The test split is the `test_sequences` (data.test_sequences) after the checkpoint's training and
-    validation splits. Tokens become pixels by `decode` (`mean`: each level's mean intensity over the
-    training split, `centre`: bin centres). The number of past frames is the checkpoint's.
+    validation splits; `split="val"` scores the checkpoint's first validation sequences instead, which is
+    what tuning a setting reads (the test split stays unseen). Tokens become pixels by `decode` (`mean`:
+    each level's mean intensity over the training split, `centre`: bin centres). The number of past frames
+    is the checkpoint's.
     """
     checkpoint, device = Path(checkpoint), torch.device(device)
     model, payload = load_model(checkpoint, device)
@@ -158,7 +173,9 @@ def evaluate(
     warn_if_unguided(sample.guidance, trained.get("objectives"))
     warn_if_actions_never_hidden(sample.action_guidance, trained.get("action_dropout"))
     stores = Stores(Path(tokens_path), Path(frames_path), Path(actions_path), model, decode)
-    run = Run.from_checkpoint(checkpoint, payload, *stores.tokens.shape[:2], evaluation, test_sequences)
+    run = Run.from_checkpoint(
+        checkpoint, payload, *stores.tokens.shape[:2], evaluation, test_sequences, split
+    )
     validation = stores.frames[run.validation.start : run.validation.stop]
     blur_scale = fit_blur_scale(validation, run.past)
 
@@ -291,7 +308,7 @@ def summarize(
     ratio, ink IoU and SSIM at a few horizons and over all of them."""
     means = overall(table)
     result: dict[str, Any] = {
-        "split": "test",
+        "split": run.split,
         "first_sequence": run.first,
         "sequences": run.count,
         "past_frames": run.past,
