@@ -44,8 +44,10 @@ def resident_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-async def client(url: str, sequence: int, deadline: float, latencies: list[float], errors: list[str]) -> int:
-    """One page stepping until `deadline`: the frames it received."""
+async def client(
+    url: str, sequence: int, temperature: float, deadline: float, latencies: list[float], errors: list[str]
+) -> int:
+    """One page stepping until `deadline` at the server's default temperature: the frames it received."""
     frames = 0
     try:
         async with websockets.asyncio.client.connect(url, max_size=2**22) as socket:
@@ -56,7 +58,8 @@ async def client(url: str, sequence: int, deadline: float, latencies: list[float
                     return 0
             while time.perf_counter() < deadline:
                 action = STEPS[(frames // 5) % len(STEPS)]
-                await socket.send(json.dumps({"op": "controls", "action": action, "temperature": 0.5}))
+                controls = {"op": "controls", "action": action, "temperature": temperature}
+                await socket.send(json.dumps(controls))
                 started = time.perf_counter()
                 await socket.send(json.dumps({"op": "step"}))
                 while (message := json.loads(await socket.recv()))["type"] not in ("frame", "error"):
@@ -72,13 +75,14 @@ async def client(url: str, sequence: int, deadline: float, latencies: list[float
 
 
 async def load(
-    url: str, clients: int, seconds: float, first_sequence: int
+    url: str, clients: int, seconds: float, config: dict
 ) -> tuple[list[int], list[float], list[str]]:
     latencies: list[float] = []
     errors: list[str] = []
     deadline = time.perf_counter() + seconds
+    first, temperature = config["sequences"][0], config["temperature"]
     counts = await asyncio.gather(
-        *(client(url, first_sequence + index, deadline, latencies, errors) for index in range(clients))
+        *(client(url, first + index, temperature, deadline, latencies, errors) for index in range(clients))
     )
     return list(counts), latencies, errors
 
@@ -116,7 +120,7 @@ def main(
             config = json.loads(response.read())
         url = base.replace("http://", "ws://") + "/api/live"
         # Warm up: load the checkpoint and the stores once, so "before" is a server ready to play.
-        asyncio.run(load(url, 1, 2.0, config["sequences"][0]))
+        asyncio.run(load(url, 1, 2.0, config))
         before = resident_mib(server.pid)
         peak = [before]
         stop = threading.Event()
@@ -129,7 +133,7 @@ def main(
         watcher.start()
         loads = [os.getloadavg()[0]]
         started = time.perf_counter()
-        counts, latencies, errors = asyncio.run(load(url, clients, seconds, config["sequences"][0]))
+        counts, latencies, errors = asyncio.run(load(url, clients, seconds, config))
         elapsed = time.perf_counter() - started
         loads.append(os.getloadavg()[0])
         stop.set()
