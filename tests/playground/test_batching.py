@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 
 import pytest
 import torch
@@ -89,6 +90,39 @@ def test_sessions_dreaming_at_once_share_one_call_per_iteration_and_sample_their
     assert [call for call in model.calls if call != (rows, 1)] == [(2, 2)]  # the twin's context, encoded
     for mine, own in zip(answers, alone, strict=True):
         assert torch.equal(mine[0], own[0])  # fixed seeds: no token at a near-tie here
+
+
+def test_a_round_waits_for_every_session_stepping_so_pages_out_of_step_dream_together_again(monkeypatch):
+    """A round of one (the second page alone), then the first page asks and the second 0.2 s after it: the
+    round waits for the second, which stepped a moment ago, and the two share their calls again (a round
+    waiting only for as many frames as the last one had would start the first page alone)."""
+    monkeypatch.setattr(dreamer, "STEPPING_S", 0.5)
+    model = Recording()
+    made = sessions(model, CallBatcher(model, gather_s=30.0))
+    (first, first_settings), (second, second_settings) = made[:2]
+    time.sleep(0.6)  # the sessions were seated longer ago than STEPPING_S: none is stepping
+    second.next_frame(torch.zeros(2), second_settings, new_generator(1, "cpu"))  # alone, at once
+    model.calls.clear()
+    late: list[torch.Tensor] = []
+    asking = threading.Timer(
+        0.2, lambda: late.append(second.next_frame(torch.zeros(2), second_settings, new_generator(2, "cpu")))
+    )
+    asking.start()
+    frame = first.next_frame(torch.zeros(2), first_settings, new_generator(3, "cpu"))
+    asking.join(timeout=60)
+    assert frame.shape == late[0].shape == (SIZE, SIZE)
+    assert model.calls == [(1 + 2, 1)] * (STEPS + 1)  # every iteration, then the append: one call each
+
+
+def test_a_session_that_stopped_stepping_is_not_waited_for(monkeypatch):
+    monkeypatch.setattr(dreamer, "STEPPING_S", 0.1)
+    model = Recording()
+    made = sessions(model, CallBatcher(model, gather_s=30.0))
+    first, first_settings = made[0]
+    time.sleep(0.2)  # every session was seated longer ago than STEPPING_S and none has asked since
+    started = time.monotonic()
+    first.next_frame(torch.zeros(2), first_settings, new_generator(3, "cpu"))
+    assert time.monotonic() - started < 10  # not the 30 s of gather_s
 
 
 def test_a_lone_session_dreams_exactly_what_it_dreams_without_a_batcher():

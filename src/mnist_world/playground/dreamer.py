@@ -77,7 +77,8 @@ class SamplerSettings:
             raise ValueError(f"choice temperature must not be negative, got {self.choice_temperature}")
 
 
-GATHER_S = 0.05  # how long a new round waits for the sessions of the last one before it starts anyway
+GATHER_S = 0.05  # how long a new round waits for the frames of the sessions stepping before it starts anyway
+STEPPING_S = 1.0  # a session seated or asking for a frame within this long is stepping: rounds wait for it
 IDLE_S = 30.0  # a worker thread with no frame to dream for this long ends (the next frame starts another)
 
 
@@ -145,11 +146,12 @@ class CallBatcher:
 
     A session keeps its worker (`seat`), the one with the fewest sessions when it started. On its worker, a
     frame's calls run back to back with nothing to hand over between them. A worker dreams in rounds: a
-    round starts once as many frames have arrived as the last round had (at first, as many as its sessions),
-    or `gather_s` after the first, and frames arriving later wait for the next round, so that pages stepping
-    together keep dreaming together. Workers compute side by side, each with the creator's torch threads:
-    one worker per CPU at one thread each uses the cores better than one worker with a thread per CPU, whose
-    threads sit idle through the small operations and the sampling between calls.
+    round starts once every session stepping (seated or asking for a frame within `STEPPING_S`) has asked
+    for its frame, or `gather_s` after the first, and frames arriving later wait for the next round, so that
+    pages stepping together keep dreaming together, and pages that fell out of step (one a little late for
+    a round) come back together at the next. Workers compute side by side, each with the creator's torch
+    threads: one worker per CPU at one thread each uses the cores better than one worker with a thread per
+    CPU, whose threads sit idle through the small operations and the sampling between calls.
     """
 
     def __init__(self, model: Model, workers: int = 1, gather_s: float = GATHER_S) -> None:
@@ -167,12 +169,14 @@ class CallBatcher:
         with self._lock:
             worker = min(self.workers, key=lambda worker: worker.seated)
             worker.seated += 1
-        weakref.finalize(owner, self._leave, worker)
+        worker.stepped(id(owner))
+        weakref.finalize(owner, self._leave, worker, id(owner))
         return worker
 
-    def _leave(self, worker: Worker) -> None:
+    def _leave(self, worker: Worker, key: int) -> None:
         with self._lock:
             worker.seated -= 1
+        worker.stepped(key, left=True)
 
 
 class Worker:
@@ -185,19 +189,31 @@ class Worker:
         self._arrived: list[_Job] = []
         self._active: list[_Job] = []  # the frames it is dreaming (its thread's alone)
         self._thread: threading.Thread | None = None
-        self._expected: int | None = None  # frames of its last round (None: its sessions seated)
+        self._stepped: dict[int, float] = {}  # id of each session seated: when it was seated or last asked
         self._joined: ContextBatch | None = None  # the last call's contexts, kept while they stay the same
+
+    def stepped(self, key: int, left: bool = False) -> None:
+        """Session `key` was seated or asked for a frame now (or, `left`, is gone)."""
+        with self._condition:
+            if left:
+                self._stepped.pop(key, None)
+            else:
+                self._stepped[key] = time.monotonic()
 
     def run(
         self,
         dreaming: Dreaming,
         watched: queue.SimpleQueue | None = None,
         on_iteration: IterationCallback | None = None,
+        owner: object | None = None,
     ) -> Tensor:
         """The frame `dreaming` returns, its calls shared with the other frames being dreamed here; its
         error, if it (or a call it shared) failed. The iterations `dreaming` puts in `watched` are given to
-        `on_iteration` on the caller's thread, so that a slow watcher holds up no other session's frame."""
+        `on_iteration` on the caller's thread, so that a slow watcher holds up no other session's frame.
+        `owner`, the session asking, is one the rounds wait for while it keeps stepping."""
         job = _Job(dreaming, watched)
+        if owner is not None:
+            self.stepped(id(owner))
         with self._condition:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._serve, name="dreaming", daemon=True)
@@ -219,7 +235,6 @@ class Worker:
         torch.set_num_threads(self.batcher.threads)
         try:
             while self._start_round():
-                self._expected = len(self._active)
                 while self._active:  # one pass: every frame's call answered
                     with torch.no_grad():
                         for append in (False, True):
@@ -237,16 +252,19 @@ class Worker:
             raise
 
     def _start_round(self) -> bool:
-        """Take the frames that arrived, once as many as the last round had are there (or `gather_s` after
-        the first); False, the thread ending, after `IDLE_S` with none. Frames arriving later wait for the
-        next round: one that joined mid-way would finish out of step with the others, its decoded frame then
-        joining its context in a call of its own, and the contexts joined again for every pass after."""
+        """Take the frames that arrived, once every session stepping has asked (or `gather_s` after the
+        first); False, the thread ending, after `IDLE_S` with none. Frames arriving later wait for the next
+        round: one that joined mid-way would finish out of step with the others, its decoded frame then
+        joining its context in a call of its own, and the contexts joined again for every pass after. Waiting
+        for the sessions stepping, not for as many frames as the last round had, is what brings pages that
+        fell out of step back together: two rounds of two would otherwise stay two rounds of two."""
         with self._condition:
             if not self._condition.wait_for(lambda: self._arrived, timeout=IDLE_S):
                 self._thread = None  # under the condition: the next `run` starts another
                 return False
-            expected = self.seated if self._expected is None else self._expected
-            deadline = time.monotonic() + self.batcher.gather_s
+            now = time.monotonic()
+            expected = sum(now - when <= STEPPING_S for when in self._stepped.values())
+            deadline = now + self.batcher.gather_s
             while len(self._arrived) < expected and (left := deadline - time.monotonic()) > 0:
                 self._condition.wait(left)
             self._active, self._arrived = self._arrived, []
@@ -327,7 +345,7 @@ class Dreamer:
         dreaming = self.dream(action, settings, generator, None if on_iteration is None else watch)
         before = self.context
         try:
-            return self.worker.run(dreaming, watched, on_iteration)
+            return self.worker.run(dreaming, watched, on_iteration, owner=self)
         except BaseException:
             self.context = before  # its worker may have finished the frame: it never happened
             raise
