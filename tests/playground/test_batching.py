@@ -96,11 +96,11 @@ def test_a_round_waits_for_every_session_stepping_so_pages_out_of_step_dream_tog
     """A round of one (the second page alone), then the first page asks and the second 0.2 s after it: the
     round waits for the second, which stepped a moment ago, and the two share their calls again (a round
     waiting only for as many frames as the last one had would start the first page alone)."""
-    monkeypatch.setattr(dreamer, "STEPPING_S", 0.5)
+    monkeypatch.setattr(dreamer, "STEPPING_S", 1.0)
     model = Recording()
     made = sessions(model, CallBatcher(model, gather_s=30.0))
     (first, first_settings), (second, second_settings) = made[:2]
-    time.sleep(0.6)  # the sessions were seated longer ago than STEPPING_S: none is stepping
+    time.sleep(1.1)  # the sessions were seated longer ago than STEPPING_S: none is stepping
     second.next_frame(torch.zeros(2), second_settings, new_generator(1, "cpu"))  # alone, at once
     model.calls.clear()
     late: list[torch.Tensor] = []
