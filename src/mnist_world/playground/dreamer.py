@@ -166,17 +166,11 @@ class CallBatcher:
     def seat(self, owner: object) -> Worker:
         """The worker that dreams `owner`'s frames for as long as `owner` lives: the one with the fewest
         sessions seated."""
-        with self._lock:
+        with self._lock:  # chosen and seated at once: two sessions starting together go to different workers
             worker = min(self.workers, key=lambda worker: worker.seated)
-            worker.seated += 1
-        worker.stepped(id(owner))
-        weakref.finalize(owner, self._leave, worker, id(owner))
+            worker.stepped(id(owner))
+        weakref.finalize(owner, worker.leave, id(owner))
         return worker
-
-    def _leave(self, worker: Worker, key: int) -> None:
-        with self._lock:
-            worker.seated -= 1
-        worker.stepped(key, left=True)
 
 
 class Worker:
@@ -184,7 +178,6 @@ class Worker:
 
     def __init__(self, batcher: CallBatcher) -> None:
         self.batcher = batcher
-        self.seated = 0  # sessions whose frames it dreams (changed under the batcher's lock)
         self._condition = threading.Condition()
         self._arrived: list[_Job] = []
         self._active: list[_Job] = []  # the frames it is dreaming (its thread's alone)
@@ -192,13 +185,20 @@ class Worker:
         self._stepped: dict[int, float] = {}  # id of each session seated: when it was seated or last asked
         self._joined: ContextBatch | None = None  # the last call's contexts, kept while they stay the same
 
-    def stepped(self, key: int, left: bool = False) -> None:
-        """Session `key` was seated or asked for a frame now (or, `left`, is gone)."""
+    @property
+    def seated(self) -> int:
+        """Sessions whose frames it dreams."""
+        return len(self._stepped)
+
+    def stepped(self, key: int) -> None:
+        """Session `key` was seated, or asked for a frame, now."""
         with self._condition:
-            if left:
-                self._stepped.pop(key, None)
-            else:
-                self._stepped[key] = time.monotonic()
+            self._stepped[key] = time.monotonic()
+
+    def leave(self, key: int) -> None:
+        """Session `key` is gone."""
+        with self._condition:
+            self._stepped.pop(key, None)
 
     def run(
         self,
