@@ -11,7 +11,8 @@ the params' sampler); each client steps as fast as its frames come (a page at fu
 are the server's capacity (the clients run on the same machine, sharing its CPUs). Reports per client the
 frames per second, and over all frames the p50 / p95 / max latency (from sending "step" to receiving the
 frame), the errors (any error message or dropped connection), and the server's resident memory before the
-clients, at its peak, and after they have gone (their sessions ended).
+clients, at its peak, and after they have gone (their sessions ended); first, the machine it ran on (the
+figures follow its speed).
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
+import torch
 import typer
 import websockets.asyncio.client
+
+from mnist_world.core.devices import describe_machine
 
 STEPS = [[0.11, 0.0], [0.0, 0.11], [-0.11, 0.0], [0.0, -0.11], [0.0, 0.0]]  # the arrows, 5 frames each
 
@@ -148,6 +152,9 @@ def main(
     ordered = np.sort(latencies)
     where = f"one server on CPUs {cpus or 'any'} with {threads} torch thread{'s' * (threads > 1)}"
     where += "" if workers is None else f" and {workers} worker{'s' * (workers > 1)}"
+    machine = describe_machine(torch.device("cpu"))
+    bf16 = "native" if machine["cpu_native_bf16"] else "emulated"
+    print(f"machine: {machine['processor']}, {machine['cores']} cores, bf16 {bf16}, torch {machine['torch']}")
     print(f"{clients} clients, {elapsed:.0f} s, {where}, {config['steps']} steps")
     print(f"load average: {loads[0]:.1f} before, {loads[1]:.1f} after (the machine's, all its CPUs)")
     mean = statistics.mean(rates)
