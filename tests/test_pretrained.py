@@ -72,7 +72,9 @@ def test_it_dreams_digits_that_keep_their_ink() -> None:
     intensities = torch.tensor(payload["vocabulary"]["intensities"])
     steps = np.diff(generated.centers[np.arange(4), :, generated.ink.argmax(axis=1)], axis=1)  # ego digit
     actions = torch.from_numpy(steps / (data.canvas / 2)).float()  # (4, 19, 2), the pipeline's units
-    settings = SamplerSettings(steps=8, choice_temperature=1000.0, action_guidance=1.0)
+    settings = SamplerSettings(
+        steps=8, temperature=1.0, guidance=0.0, choice_temperature=1000.0, action_guidance=1.0
+    )
     ratios = []
     for index in range(4):
         given = torch.cat([actions[index, :1], actions[index]])[:past]  # frame 0 repeats frame 1's action

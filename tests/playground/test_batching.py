@@ -43,6 +43,13 @@ class Recording(torch.nn.Module):
 SESSIONS = [(1, 0.0), (2, 1.0), (4, 0.0)]
 
 
+def sampler(action_guidance: float = 0.0) -> SamplerSettings:
+    """Confidence-ordered unmasking at temperature 1 in STEPS iterations."""
+    return SamplerSettings(
+        steps=STEPS, temperature=1.0, guidance=0.0, choice_temperature=1.0, action_guidance=action_guidance
+    )
+
+
 def sessions(model: Recording, batcher: CallBatcher | None) -> list[tuple[Dreamer, SamplerSettings]]:
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, LEVELS, (len(SESSIONS), FRAMES, SIZE, SIZE), generator=generator)
@@ -50,7 +57,7 @@ def sessions(model: Recording, batcher: CallBatcher | None) -> list[tuple[Dreame
     made = []
     for index, (frames, action_guidance) in enumerate(SESSIONS):
         given = Dreamer(model, tokens[index, :frames], actions[index, :frames], keep=1, batcher=batcher)
-        made.append((given, SamplerSettings(steps=STEPS, action_guidance=action_guidance)))
+        made.append((given, sampler(action_guidance)))
     return made
 
 
@@ -172,7 +179,7 @@ def test_a_slow_watcher_holds_up_no_other_sessions_frame():
     thread.start()
     try:
         assert watching.wait(timeout=30)  # the slow session's watcher holds its first iteration
-        frame = other.next_frame(torch.zeros(2), SamplerSettings(steps=STEPS), new_generator(1, "cpu"))
+        frame = other.next_frame(torch.zeros(2), sampler(), new_generator(1, "cpu"))
         assert frame.shape == (SIZE, SIZE) and thread.is_alive() and not answer
     finally:
         gate.set()

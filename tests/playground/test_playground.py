@@ -64,7 +64,7 @@ from mnist_world.playground.world import PlaygroundError, ValidationData, load_w
 
 SIZE, FRAMES, LEVELS, PAST = 16, 8, 8, 3
 DATA = from_params(DataConfig, num_sequences=10, frames=FRAMES, seed=2, train_sequences=4, val_sequences=6)
-SAMPLER = SamplerSettings(steps=3)
+SAMPLER = SamplerSettings(steps=3, temperature=1.0, guidance=0.0, choice_temperature=1.0, action_guidance=0.0)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

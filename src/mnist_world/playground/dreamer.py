@@ -43,13 +43,14 @@ IterationCallback = Callable[[int, Tensor, Tensor], None]
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
-    """How each frame is unmasked."""
+    """How each frame is unmasked: the params' `sample` section (`from_config`), every field given, so that
+    no second set of defaults can drift from the params'."""
 
-    steps: int = 20
-    temperature: float = 1.0
-    guidance: float = 0.0
-    choice_temperature: float = 1.0  # sampling.unmask's
-    action_guidance: float = 0.0
+    steps: int
+    temperature: float
+    guidance: float
+    choice_temperature: float  # sampling.unmask's
+    action_guidance: float
 
     @classmethod
     def from_config(cls, sample: SampleConfig, **changes: float) -> SamplerSettings:

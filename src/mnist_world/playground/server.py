@@ -81,10 +81,10 @@ class PlaySettings:
     actions: str
     train_sequences: int
     val_sequences: int
+    sampler: SamplerSettings  # the params' `sample` section (`SamplerSettings.from_config`)
     decode: str = "mean"
     sequence: int | None = None  # None: the first validation sequence
     seed: int = 0
-    sampler: SamplerSettings = SamplerSettings()
     keep: int | None = None  # frames kept when the context slides; None: the checkpoint's past frames
     step_px: float | None = None  # one arrow-key step in pixels of a frame; None: the data's typical move
     device: str = "cpu"
