@@ -113,7 +113,7 @@ def replay(recording: Recording, world: World) -> Session:
     """Play the recorded actions again from the recorded start: the session holds the same frames."""
     settings = SamplerSettings(
         steps=recording.steps,
-        # each frame is dreamed again at its own recorded temperature; this one is the session's before any
+        # the session's first; `Session.step` dreams each frame again at its own recorded temperature
         temperature=recording.frames[0].temperature if recording.frames else 1.0,
         guidance=recording.guidance,
         choice_temperature=recording.choice_temperature,
