@@ -4,7 +4,7 @@ changing every few frames).
 
     python benchmarks/playground_load.py --checkpoint models/best.pt [--clients 8] [--seconds 60]
         [--cpus 0,1] [--tokens data/tokens.zarr --frames data/frames.zarr --actions data/actions.zarr]
-        [--params params.yaml] [--threads 1] [--workers N]
+        [--params params.yaml] [--threads 1] [--workers N] [--stagger S]
 
 The server runs pinned to --cpus (taskset) with its defaults (one torch thread, one dreaming worker per CPU,
 the params' sampler); each client steps as fast as its frames come (a page at full speed), so the figures
@@ -12,7 +12,9 @@ are the server's capacity (the clients run on the same machine, sharing its CPUs
 frames per second, and over all frames the p50 / p95 / max latency (from sending "step" to receiving the
 frame), the errors (any error message or dropped connection), and the server's resident memory before the
 clients, at its peak, and after they have gone (their sessions ended); first, the machine it ran on (the
-figures follow its speed).
+figures follow its speed). The pages open all at once, so, stepping in step, they all slide their contexts
+(every 10 frames) in the same round: the worst case. With --stagger S they open S seconds apart, as pages
+opened one after another do, and slide in different rounds.
 """
 
 from __future__ import annotations
@@ -49,10 +51,18 @@ def resident_mib(pid: int) -> float:
 
 
 async def client(
-    url: str, sequence: int, temperature: float, deadline: float, latencies: list[float], errors: list[str]
+    url: str,
+    sequence: int,
+    temperature: float,
+    deadline: float,
+    latencies: list[float],
+    errors: list[str],
+    delay: float = 0.0,
 ) -> int:
-    """One page stepping until `deadline` at the server's default temperature: the frames it received."""
+    """One page opened `delay` seconds from now, stepping until `deadline` at the server's default
+    temperature: the frames it received."""
     frames = 0
+    await asyncio.sleep(delay)
     try:
         async with websockets.asyncio.client.connect(url, max_size=2**22) as socket:
             await socket.send(json.dumps({"op": "restart", "sequence": sequence}))
@@ -79,14 +89,17 @@ async def client(
 
 
 async def load(
-    url: str, clients: int, seconds: float, config: dict
+    url: str, clients: int, seconds: float, config: dict, stagger: float = 0.0
 ) -> tuple[list[int], list[float], list[str]]:
     latencies: list[float] = []
     errors: list[str] = []
     deadline = time.perf_counter() + seconds
     first, temperature = config["sequences"][0], config["temperature"]
     counts = await asyncio.gather(
-        *(client(url, first + index, temperature, deadline, latencies, errors) for index in range(clients))
+        *(
+            client(url, first + index, temperature, deadline, latencies, errors, index * stagger)
+            for index in range(clients)
+        )
     )
     return list(counts), latencies, errors
 
@@ -107,6 +120,14 @@ def main(
         int | None,
         typer.Option(min=1, help="The server's dreaming workers (its --workers; unset: its default)."),
     ] = None,
+    stagger: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds between one page's opening and the next's (0: all at once, so that every page's "
+            "context slides in the same round).",
+        ),
+    ] = 0.0,
 ) -> None:
     script = Path(sys.executable).with_name("mnist-world")
     command = [str(script), "play", f"--checkpoint={checkpoint}", f"--tokens={tokens}", f"--frames={frames}"]
@@ -137,7 +158,7 @@ def main(
         watcher.start()
         loads = [os.getloadavg()[0]]
         started = time.perf_counter()
-        counts, latencies, errors = asyncio.run(load(url, clients, seconds, config))
+        counts, latencies, errors = asyncio.run(load(url, clients, seconds, config, stagger))
         elapsed = time.perf_counter() - started
         loads.append(os.getloadavg()[0])
         stop.set()
@@ -155,7 +176,8 @@ def main(
     machine = describe_machine(torch.device("cpu"))
     bf16 = "native" if machine["cpu_native_bf16"] else "emulated"
     print(f"machine: {machine['processor']}, {machine['cores']} cores, bf16 {bf16}, torch {machine['torch']}")
-    print(f"{clients} clients, {elapsed:.0f} s, {where}, {config['steps']} steps")
+    opened = "all at once" if stagger == 0 else f"opened {stagger:g} s apart"
+    print(f"{clients} clients ({opened}), {elapsed:.0f} s, {where}, {config['steps']} steps")
     print(f"load average: {loads[0]:.1f} before, {loads[1]:.1f} after (the machine's, all its CPUs)")
     mean = statistics.mean(rates)
     print(f"frames/s per client: mean {mean:.2f}, min {min(rates):.2f}, max {max(rates):.2f}")
