@@ -16,7 +16,6 @@ prints one row per horizon and, with `--output`, writes the figures as JSON.
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -26,8 +25,9 @@ import pandas as pd
 import torch
 import typer
 
-from mnist_world import config
+from mnist_world import cli, config
 from mnist_world.config import DIGIT_SIZE
+from mnist_world.core.atomic import write_json
 from mnist_world.core.metrics import INK_THRESHOLD, baselines
 from mnist_world.core.store import StoreError, open_array, open_store
 from mnist_world.evaluation.evaluate import Run, Stores, predict
@@ -90,13 +90,14 @@ def main(
     data, tokens_config, sample, evaluation = (
         config.load(name, params) for name in ("data", "tokens", "sample", "eval")
     )
-    if not open_store(raw).attrs.get("has_ground_truth"):
+    recorded = dict(open_store(raw).attrs)
+    if not recorded.get("has_ground_truth"):
         raise StoreError(
             f"{raw}: no digit boxes recorded (only generated data has them: data.source generate)"
         )
     centres_store = open_array(raw, "centers", ndim=4, dtype=np.float32)  # (N, T, D, 2)
     ink_store = open_array(raw, "ink", ndim=2, dtype=np.float32)  # (N, D)
-    canvas = int(open_store(raw).attrs["canvas"])
+    canvas = int(recorded["canvas"])
     model, payload = load_model(checkpoint, "cpu")
     stores = Stores(tokens, frames, actions, model, tokens_config.decode)
     evaluation = dataclasses.replace(evaluation, sequences=sequences, samples=1)
@@ -134,10 +135,8 @@ def main(
     typer.echo(table.to_string(index=False, float_format="%.3f"))
     if output is not None:
         result = {"checkpoint": str(checkpoint), "split": run.split, "first_sequence": run.first}
-        output.write_text(
-            json.dumps(result | {"sequences": run.count, **table.to_dict("list")}, indent=2) + "\n"
-        )
+        write_json(output, result | {"sequences": run.count, **table.to_dict("list")})
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    cli.run(main)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,8 @@ from mnist_world.model.network import build_model
 from mnist_world.model.sampling import new_generator, predict_future
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("digit_overlap", ROOT / "scripts" / "digit_overlap.py")
+SCRIPT = ROOT / "scripts" / "digit_overlap.py"
+spec = importlib.util.spec_from_file_location("digit_overlap", SCRIPT)
 overlap = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(overlap)
 
@@ -187,10 +190,10 @@ def test_data_without_digit_boxes_is_refused_in_one_line(inputs, tmp_path):
     root = inputs[0]
     with create_store(tmp_path / "raw.zarr", {"has_ground_truth": False}) as group:
         write_sequences(group, "frames", np.zeros((12, FRAMES, 64, 64), np.uint8), sequences_per_shard=4)
-    app = typer.Typer()
-    app.command()(overlap.main)
-    result = CliRunner().invoke(
-        app, [str(root / "best.pt"), f"--params={root / 'params.yaml'}", f"--raw={tmp_path / 'raw.zarr'}"]
-    )
-    assert result.exit_code != 0
-    assert "no digit boxes recorded (only generated data has them" in str(result.exception)
+    command = [sys.executable, str(SCRIPT), str(root / "best.pt"), f"--params={root / 'params.yaml'}"]
+    result = subprocess.run([*command, f"--raw={tmp_path / 'raw.zarr'}"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'raw.zarr'}: no digit boxes recorded (only generated data has them: data.source "
+        "generate)"
+    ]
