@@ -15,16 +15,15 @@ import pytest
 import torch
 import typer
 import yaml
-from conftest import from_params, params_section, tiny_architecture
+from conftest import from_params, params_section, tiny_architecture, write_validation_stores
 from typer.testing import CliRunner
 
 from mnist_world.actions.ego import actions_from_centres, ego_centres
 from mnist_world.config import DataConfig, SampleConfig
 from mnist_world.core.randomness import derived_seed
 from mnist_world.core.store import create_store, write_sequences
-from mnist_world.data.frames import downsample
 from mnist_world.data.sources import generate_sequences, write_raw_store
-from mnist_world.data.tokens import Vocabulary, quantize, token_attributes
+from mnist_world.data.tokens import Vocabulary
 from mnist_world.evaluation.evaluate import PREDICTION
 from mnist_world.model.checkpoint import save_checkpoint
 from mnist_world.model.network import build_model
@@ -95,31 +94,7 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("overlap")
     generated = generate_sequences(DATA, progress=False)
     write_raw_store(root / "raw.zarr", generated.frames, DATA, {}, generated, progress=False)
-    frames = downsample(generated.frames, SIZE)
-    tokens = quantize(frames, LEVELS)
-    means = [
-        float(frames[: DATA.train_sequences][tokens[: DATA.train_sequences] == k].mean())
-        for k in range(LEVELS)
-    ]
-    centres = ego_centres(generated.centers, generated.ink) * (SIZE / DATA.canvas)
-    stores = {
-        "frames": (
-            frames,
-            {"frame_size": SIZE, "canvas": DATA.canvas, "frames": FRAMES, "source": "generate"},
-        ),
-        "tokens": (tokens, {**token_attributes(LEVELS, SIZE, FRAMES, "generate"), "bin_means": means}),
-        "actions": (
-            actions_from_centres(centres, SIZE),
-            {
-                "frame_size": SIZE,
-                "canvas": DATA.canvas,
-                "tracking": {"threshold": 0.2, "min_area": 4, "size": 64, "digits": 2},
-            },
-        ),
-    }
-    for name, (array, attributes) in stores.items():
-        with create_store(root / f"{name}.zarr", attributes) as group:
-            write_sequences(group, name, array, sequences_per_shard=4)
+    frames, tokens = write_validation_stores(root, generated, DATA, SIZE, LEVELS)
     torch.manual_seed(0)
     arch = tiny_architecture(LEVELS, SIZE, FRAMES, action_conditioning="blocks")
     split = {"train_sequences": DATA.train_sequences, "val_sequences": DATA.val_sequences}

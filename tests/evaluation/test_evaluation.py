@@ -17,18 +17,15 @@ import pytest
 import torch
 import typer
 import yaml
-from conftest import from_params, params_section, tiny_architecture
+from conftest import from_params, params_section, tiny_architecture, write_validation_stores
 from PIL import Image
 from skimage.metrics import structural_similarity
 from typer.testing import CliRunner
 
-from mnist_world.actions.ego import actions_from_centres, ego_centres
 from mnist_world.config import DataConfig, EvalConfig, SampleConfig, as_dict
 from mnist_world.core.randomness import derived_seed
-from mnist_world.core.store import StoreError, create_store, write_sequences
-from mnist_world.data.frames import downsample
+from mnist_world.core.store import StoreError
 from mnist_world.data.sources import generate_sequences
-from mnist_world.data.tokens import quantize, token_attributes
 from mnist_world.evaluation.action_following import mirror
 from mnist_world.evaluation.evaluate import PREDICTION, evaluate
 from mnist_world.model.checkpoint import CheckpointError, save_checkpoint
@@ -43,33 +40,13 @@ DATA = from_params(
 )
 SAMPLE = from_params(SampleConfig, steps=4)
 EVAL = from_params(EvalConfig, sequences=5, batch_size=2, samples=3, strips=3, generations=3)
-TRACKING = {"threshold": 0.2, "min_area": 4, "size": 64, "digits": 2}
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """Stores of 10 generated sequences at 16x16 and a checkpoint of a 1-layer, 16-dim random model."""
     root = tmp_path_factory.mktemp("inputs")
-    generated = generate_sequences(DATA, progress=False)
-    frames = downsample(generated.frames, SIZE)  # (N, T, 16, 16) in [0, 1]
-    centres = ego_centres(generated.centers, generated.ink) * (SIZE / DATA.canvas)
-    tokens = quantize(frames, LEVELS)
-    train = tokens[: DATA.train_sequences]
-    means = [float(frames[: DATA.train_sequences][train == level].mean()) for level in range(LEVELS)]
-    stores = {
-        "frames": (
-            frames,
-            {"frame_size": SIZE, "canvas": DATA.canvas, "frames": FRAMES, "source": "generate"},
-        ),
-        "tokens": (tokens, {**token_attributes(LEVELS, SIZE, FRAMES, "generate"), "bin_means": means}),
-        "actions": (
-            actions_from_centres(centres, SIZE),
-            {"frame_size": SIZE, "canvas": DATA.canvas, "tracking": TRACKING},
-        ),
-    }
-    for name, (array, attributes) in stores.items():
-        with create_store(root / f"{name}.zarr", attributes) as group:
-            write_sequences(group, name, array, sequences_per_shard=4)
+    write_validation_stores(root, generate_sequences(DATA, progress=False), DATA, SIZE, LEVELS)
     torch.manual_seed(0)
     arch = tiny_architecture(LEVELS, SIZE, FRAMES)
     save_checkpoint(root / "best.pt", payload(arch))
