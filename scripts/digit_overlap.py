@@ -22,7 +22,6 @@ from typing import Annotated
 
 import numpy as np
 import pandas as pd
-import torch
 import typer
 
 from mnist_world import cli, config
@@ -105,26 +104,21 @@ def main(
         checkpoint, payload, *stores.tokens.shape[:2], evaluation, data.test_sequences, split
     )
     shares: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in ANSWERS}
-    with torch.no_grad():
-        for start in range(0, run.count, evaluation.batch_size):
-            first = run.first + start
-            rows = slice(first, run.first + min(start + evaluation.batch_size, run.count))
-            token_rows, truth = stores.tokens[rows], stores.frames[rows]
-            futures = predict(
-                model, token_rows[:, : run.past], stores.actions[rows], sample, 1, first, stores
-            )
-            copy_last = baselines(truth[:, : run.past], token_rows[:, run.past :], stores.vocabulary.decode)
-            answers = {
-                "sampled": futures.samples[0],
-                "mirrored": futures.mirrored,
-                "point": futures.point,
-                "copy_last": copy_last["copy_last"],
-            }
-            masks = digit_masks(
-                truth[:, run.past :] > INK_THRESHOLD, centres_store[rows][:, run.past :], canvas
-            )
-            for name, future in answers.items():
-                shares[name].append(ego_and_others(covered(future > INK_THRESHOLD, masks), ink_store[rows]))
+    for start in range(0, run.count, evaluation.batch_size):
+        first = run.first + start
+        rows = slice(first, run.first + min(start + evaluation.batch_size, run.count))
+        token_rows, truth = stores.tokens[rows], stores.frames[rows]
+        futures = predict(model, token_rows[:, : run.past], stores.actions[rows], sample, 1, first, stores)
+        copy_last = baselines(truth[:, : run.past], token_rows[:, run.past :], stores.vocabulary.decode)
+        answers = {
+            "sampled": futures.samples[0],
+            "mirrored": futures.mirrored,
+            "point": futures.point,
+            "copy_last": copy_last["copy_last"],
+        }
+        masks = digit_masks(truth[:, run.past :] > INK_THRESHOLD, centres_store[rows][:, run.past :], canvas)
+        for name, future in answers.items():
+            shares[name].append(ego_and_others(covered(future > INK_THRESHOLD, masks), ink_store[rows]))
     table = pd.DataFrame({"horizon": np.arange(1, stores.tokens.shape[1] - run.past + 1)})
     for name, parts in shares.items():
         ego = np.concatenate([part[0] for part in parts])  # (N, F)
