@@ -31,8 +31,9 @@ PATCHES = [
     dataclasses.replace(TINY, patch_size=2, spatial_bias=True),
     dataclasses.replace(TINY, patch_size=2, attention="joint"),
     dataclasses.replace(TINY, action_conditioning="input"),
+    dataclasses.replace(TINY, patch_size=2, mlp_conv=False),
 ]
-PATCH_IDS = ["p1", "p2", "p4", "p2-bias", "p2-joint", "p1-input"]
+PATCH_IDS = ["p1", "p2", "p4", "p2-bias", "p2-joint", "p1-input", "p2-plain-mlp"]
 
 
 def inputs(arch: Architecture, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +54,7 @@ def test_logits_cover_every_token_with_the_levels_only(arch: Architecture) -> No
     assert cache[0][0].shape == (2 * positions, arch.heads, arch.frames, arch.embed_dim // arch.heads)
 
 
-INPUT = {"action_conditioning": "input"}  # the recipe's
+INPUT = {"action_conditioning": "input", "mlp_conv": False}  # the recipe's
 
 
 @pytest.mark.parametrize(
@@ -66,7 +67,9 @@ INPUT = {"action_conditioning": "input"}  # the recipe's
         # Actions through an MLP (2 -> 128 -> 128) and a 128 x 128 map per layer instead of one 2 -> 128 map,
         # and the unknown action's embedding: + (2 * 128 + 128) + (128 * 128 + 128) + 2 * (128 * 128 + 128)
         # - (2 * 128 + 128) + 128 = + 49,664.
-        (from_params(ModelConfig, patch_size=2, layers=2, action_conditioning="blocks"), 631_744),
+        (from_params(ModelConfig, patch_size=2, action_conditioning="blocks", mlp_conv=False), 631_744),
+        # A depthwise 3x3 convolution on each layer's 512 hidden channels: + 2 * (512 * 9 + 512) = + 10,240.
+        (from_params(ModelConfig, patch_size=2, action_conditioning="blocks", mlp_conv=True), 641_984),
     ],
 )
 def test_parameter_counts_are_exact(model_config: ModelConfig, expected: int) -> None:
@@ -105,6 +108,29 @@ def test_the_spatial_bias_starts_near_and_is_learned_per_offset() -> None:
     assert bias.shape == (2, 16, 16) and not bias[0].any()
     assert bias[1, 0, 1].item() == -1.0 and bias[1, 0, 5].item() == pytest.approx(-(2**0.5))
     assert bias[1, 5, 0].item() == bias[1, 15, 10].item()  # the same offset, the same parameter
+
+
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_the_mlp_convolution_starts_as_the_plain_mlp_and_mixes_neighbours_only(patch_size: int) -> None:
+    """Started at zero, `model.mlp_conv` changes nothing; once learned, a change at one position of one
+    frame reaches, through the MLP, that position's 3x3 neighbourhood in that frame and nothing else."""
+    arch = dataclasses.replace(TINY, patch_size=patch_size, mlp_conv=True)
+    model = build_model(arch).eval()
+    plain = build_model(dataclasses.replace(arch, mlp_conv=False)).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)  # all but the convolution
+    tokens, actions = inputs(arch)
+    torch.testing.assert_close(model(tokens, actions)[0], plain(tokens, actions)[0], rtol=0, atol=0)
+
+    mlp, side = model.blocks[0].mlp, arch.frame_size // patch_size
+    with torch.no_grad():
+        mlp.conv.weight.normal_()
+    x = torch.randn(2, 3, side * side, arch.embed_dim)  # (B, T, N, D)
+    changed = x.clone()
+    changed[1, 2, 2 * side + 1] += 1.0  # frame 2 of sequence 1, position (row 2, column 1)
+    with torch.no_grad():
+        moved = (mlp(changed) - mlp(x)).abs().sum(dim=-1)  # (B, T, N)
+    reached = {(b, t, n // side, n % side) for b, t, n in moved.nonzero().tolist()}
+    assert reached == {(1, 2, row, column) for row in (1, 2, 3) for column in (0, 1, 2)}
 
 
 def test_a_patch_size_that_does_not_divide_the_frame_fails() -> None:
@@ -152,15 +178,16 @@ def test_an_action_steers_its_own_frame_and_later_ones(conditioning: str) -> Non
 
 
 def test_a_checkpoint_from_before_action_conditioning_loads_as_input(tmp_path: Path) -> None:
-    """Checkpoints written before `model.action_conditioning` existed embedded actions at the input."""
-    arch = dataclasses.replace(TINY, action_conditioning="input")
+    """Checkpoints written before `model.action_conditioning` and `model.mlp_conv` existed embedded actions
+    at the input and had the plain MLP."""
+    arch = dataclasses.replace(TINY, action_conditioning="input", mlp_conv=False)
     model = build_model(arch).eval()
     stored = dataclasses.asdict(arch)
-    del stored["action_conditioning"]
+    del stored["action_conditioning"], stored["mlp_conv"]
     save_checkpoint(tmp_path / "old.pt", {"model": model.state_dict(), "architecture": stored, "epoch": 1})
     loaded, _ = load_model(tmp_path / "old.pt")
     tokens, actions = inputs(arch)
-    assert loaded.arch.action_conditioning == "input"
+    assert (loaded.arch.action_conditioning, loaded.arch.mlp_conv) == ("input", False)
     assert torch.equal(loaded(tokens, actions)[0], model(tokens, actions)[0])
 
 

@@ -125,6 +125,9 @@ class ModelConfig:
     # blocks: the action in token pixels through an MLP, added before the first layer and again, through a
     # linear map of its own, before every layer, so that deep layers read the command as directly as the first
     action_conditioning: typing.Literal["input", "blocks"]
+    # a depthwise 3x3 convolution over each frame's positions on the MLP's hidden layer, started at zero
+    # (PVTv2's ConvFFN); false: the plain MLP (the recipe)
+    mlp_conv: Boolean
 
     @model_validator(mode="after")
     def _check_ranges(self) -> Any:

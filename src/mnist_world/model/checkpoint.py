@@ -156,8 +156,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Wo
     payload = load_checkpoint(path, map_location=device)
     _check_weights(path, payload.get("model"))
     try:
-        # Checkpoints written before model.action_conditioning existed embedded actions at the input.
-        model = build_model(Architecture(**{"action_conditioning": "input", **payload["architecture"]}))
+        # Checkpoints written before model.action_conditioning and model.mlp_conv existed embedded actions at
+        # the input and had the plain MLP.
+        stored = {"action_conditioning": "input", "mlp_conv": False, **payload["architecture"]}
+        model = build_model(Architecture(**stored))
         model.load_state_dict(with_unknown_action(payload["model"], model))
     except (TypeError, ValueError, RuntimeError, KeyError) as error:  # ValueError: ConfigError
         first_line = str(error).strip().splitlines()[0]

@@ -202,13 +202,29 @@ class RelativePositionBias(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, ratio: float, dropout: float) -> None:
+    """Linear, GELU, linear. With `side`, each frame's hidden layer, a side x side grid of positions, also
+    passes through a depthwise 3x3 convolution added to it (PVTv2's and LocalViT's ConvFFN): the same local
+    mixing at every place of the frame, so a motion learned at one place holds at all. The convolution
+    starts at zero, so the block starts as the plain MLP."""
+
+    def __init__(self, dim: int, ratio: float, dropout: float, side: int | None = None) -> None:
         super().__init__()
         hidden = int(dim * ratio)
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), Dropout(dropout))
+        self.side = side
+        if side is not None:
+            self.conv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+            nn.init.zeros_(self.conv.weight)
+            nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        if self.side is None:
+            return self.net(x)
+        expand, activation, project, dropout = self.net
+        hidden = expand(x)  # (B, T, N, Dh), N = side * side
+        grid = rearrange(hidden, "b t (y x) c -> (b t) c y x", y=self.side)
+        mixed = rearrange(self.conv(grid), "(b t) c y x -> b t (y x) c", b=x.shape[0])
+        return dropout(project(activation(hidden + mixed)))
 
 
 class Block(nn.Module):
@@ -218,7 +234,8 @@ class Block(nn.Module):
     def __init__(self, arch: Architecture) -> None:
         super().__init__()
         self.mlp_norm = nn.LayerNorm(arch.embed_dim)
-        self.mlp = MLP(arch.embed_dim, arch.mlp_ratio, arch.dropout)
+        side = arch.frame_size // arch.patch_size if arch.mlp_conv else None
+        self.mlp = MLP(arch.embed_dim, arch.mlp_ratio, arch.dropout, side)
 
     def forward(
         self, x: Tensor, temporal_mask: Tensor | None, prefix: KeysValues | None
