@@ -29,6 +29,7 @@ from mnist_world.config import DIGIT_SIZE
 from mnist_world.core.atomic import write_json
 from mnist_world.core.metrics import INK_THRESHOLD, baselines
 from mnist_world.core.store import StoreError, open_array, open_store
+from mnist_world.data.sources import ego_digit
 from mnist_world.evaluation.evaluate import Run, Stores, predict
 from mnist_world.model.checkpoint import load_model
 
@@ -61,7 +62,7 @@ def covered(predicted: np.ndarray, masks: np.ndarray) -> np.ndarray:
 def ego_and_others(shares: np.ndarray, ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The shares (N, F, D) of each sequence's ego digit (the most `ink`, (N, D)) and the mean of the other
     digits', each (N, F)."""
-    ego = ink.argmax(axis=1)  # (N,)
+    ego = ego_digit(ink)  # (N,)
     rows = np.arange(len(ego))
     others = np.ones(shares.shape, dtype=bool)
     others[rows, :, ego] = False

@@ -26,8 +26,8 @@ from mnist_world.core.store import (
     open_array,
     write_blocks,
 )
+from mnist_world.data.sources import EGO_RULE, ego_digit
 
-EGO_RULE = "the digit with the most ink (sum of its pixel values / 255)"
 NORMALISATION = (
     "action[t] = (centre[t] - centre[t-1]) / (frame_size / 2), the ego digit's centre (x, y) in pixels at "
     "the token resolution; action[0] = action[1]"
@@ -37,7 +37,7 @@ MAX_TRACKING_SIZE = 64  # the tracker packs a frame row into one 64-bit word
 
 def ego_centres(centers: np.ndarray, ink: np.ndarray) -> np.ndarray:
     """The ego digit's centre per frame: centers (N, T, D, 2) and ink (N, D) -> (N, T, 2)."""
-    ego = np.argmax(ink, axis=1)  # (N,)
+    ego = ego_digit(ink)  # (N,)
     return centers[np.arange(len(ego)), :, ego]
 
 
@@ -206,5 +206,5 @@ def _count_mismatched(tracked: np.ndarray, centers: np.ndarray, ink: np.ndarray)
     errors = np.stack(
         [step_errors(tracked, centers[:, :, d]).mean(axis=1) for d in range(centers.shape[2])], axis=1
     )  # (B, D)
-    ego = errors[np.arange(len(errors)), np.argmax(ink, axis=1)]
+    ego = errors[np.arange(len(errors)), ego_digit(ink)]
     return int((errors.min(axis=1) < ego - 1e-9).sum())

@@ -90,18 +90,25 @@ def bounce_trajectories(
     return trajectory
 
 
+EGO_RULE = "the digit with the most ink (sum of its pixel values / 255)"
+
+
+def ego_digit(ink: np.ndarray) -> np.ndarray:
+    """Which digit of each sequence is the ego digit (EGO_RULE): ink (N, D) -> indices (N,)."""
+    return np.argmax(ink, axis=1)
+
+
 def ego_turns(rng: np.random.Generator, ink: np.ndarray, frames: int, probability: float) -> np.ndarray:
     """Headings (N * D, frames) at which the ego digit of each sequence turns, NaN elsewhere.
 
-    `ink` (N, D) picks the ego digit (the most ink, as the action store does). Each of its frames turns with
+    `ink` (N, D) picks the ego digit (`ego_digit`, as the action store does). Each of its frames turns with
     `probability` to a heading drawn uniformly; the other digits never turn.
     """
     count, digits = ink.shape
     turning = rng.random((count, frames)) < probability  # (N, T)
     heading = rng.uniform(0.0, 2 * np.pi, size=(count, frames))
     turns = np.full((count, digits, frames), np.nan)
-    ego = np.argmax(ink, axis=1)  # (N,)
-    turns[np.arange(count), ego] = np.where(turning, heading, np.nan)
+    turns[np.arange(count), ego_digit(ink)] = np.where(turning, heading, np.nan)
     return turns.reshape(count * digits, frames)
 
 
