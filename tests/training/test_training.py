@@ -206,9 +206,11 @@ def test_warm_up_betas_and_decay_reach_the_optimizer() -> None:
         for name, p in learner.model.named_parameters()
         if p.dim() < 2 or name in ("spatial_position", "temporal_position") or name.endswith("bias.table")
     }
-    # Weight matrices, the token embedding and the MLPs' depthwise convolution kernels (C, 1, 3, 3).
+    # Weight matrices, the token embedding and the MLPs' depthwise convolution kernels (C, 1, 3, 3), which the
+    # params' model has (`model.mlp_conv`).
+    assert ARCH.mlp_conv
     kernels = {names[id(p)] for p in decayed["params"] if p.dim() == 4}
-    assert kernels == {f"blocks.{i}.mlp.conv.weight" for i in range(ARCH.layers)} and ARCH.mlp_conv
+    assert kernels == {f"blocks.{i}.mlp.conv.weight" for i in range(ARCH.layers)}
     assert all(p.dim() in (2, 4) for p in decayed["params"])
 
 
