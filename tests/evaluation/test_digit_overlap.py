@@ -123,8 +123,9 @@ def test_the_script_scores_the_evaluate_stages_first_sample_digit_by_digit(input
     assert (figures["split"], figures["first_sequence"], figures["sequences"]) == ("val", 4, 3)
 
     # By hand: the evaluate stage's first sample (its seed per batch of eval.batch_size 2), pixel loops.
-    model = build_model(torch.load(root / "best.pt", weights_only=False)["architecture"])
-    model.load_state_dict(torch.load(root / "best.pt", weights_only=False)["model"])
+    stored = torch.load(root / "best.pt", weights_only=False)
+    model = build_model(stored["architecture"])
+    model.load_state_dict(stored["model"])
     model.eval()  # the tiny model's dropout off, as the script's `load_model` leaves it
     sample = from_params(SampleConfig, steps=3)
     vocabulary = Vocabulary.from_store(root / "tokens.zarr", "mean")

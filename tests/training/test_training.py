@@ -186,7 +186,8 @@ def test_run_differences_name_the_keys() -> None:
 
 def test_warm_up_betas_and_decay_reach_the_optimizer() -> None:
     config = dataclasses.replace(CONFIG, warmup_steps=4, betas=(0.8, 0.9), lr=1e-3, min_lr=1e-5)
-    learner = Learner.build(ARCH, config, total_steps=14, device=torch.device("cpu"))
+    arch = dataclasses.replace(ARCH, mlp_conv=True)
+    learner = Learner.build(arch, config, total_steps=14, device=torch.device("cpu"))
     assert all(group["betas"] == (0.8, 0.9) for group in learner.optimizer.param_groups)
     lrs = []
     for _ in range(14):
@@ -206,11 +207,9 @@ def test_warm_up_betas_and_decay_reach_the_optimizer() -> None:
         for name, p in learner.model.named_parameters()
         if p.dim() < 2 or name in ("spatial_position", "temporal_position") or name.endswith("bias.table")
     }
-    # Weight matrices, the token embedding and the MLPs' depthwise convolution kernels (C, 1, 3, 3), which the
-    # params' model has (`model.mlp_conv`).
-    assert ARCH.mlp_conv
+    # Weight matrices, the token embedding and the MLPs' depthwise convolution kernels (C, 1, 3, 3).
     kernels = {names[id(p)] for p in decayed["params"] if p.dim() == 4}
-    assert kernels == {f"blocks.{i}.mlp.conv.weight" for i in range(ARCH.layers)}
+    assert kernels == {f"blocks.{i}.mlp.conv.weight" for i in range(arch.layers)}
     assert all(p.dim() in (2, 4) for p in decayed["params"])
 
 
